@@ -1,0 +1,1 @@
+"""Optional gateway (extra `[gateway]`): API keys, scopes, rate limits and an audit log."""

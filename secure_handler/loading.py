@@ -1,0 +1,239 @@
+"""Model loading: TorchScript only, digests and pins checked first, never unpickling.
+
+TorchServe's stock `BaseHandler.initialize` takes the eager branch whenever the manifest has
+`modelFile`: it imports code from the archive and calls `torch.load` without `weights_only`.
+Here the only loader is `torch.jit.load`, and it runs only after the file has been shown to
+be a TorchScript archive and every configured digest matched.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import warnings
+import zipfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import ConfigurationError, IntegrityError, UnsafeModelError
+
+__all__ = [
+    "DIGESTS_MEMBER",
+    "TRUST_STORE_ENV",
+    "check_manifest",
+    "check_torchscript_archive",
+    "choose_device",
+    "load_torchscript",
+    "sha256_file",
+    "verify_embedded_digests",
+    "verify_trust_store",
+]
+
+logger = logging.getLogger(__name__)
+
+#: Where `secure-handler archive` embeds the SHA-256 of every other member of the MAR.
+DIGESTS_MEMBER = "MAR-INF/secure-handler-digests.json"
+#: Environment variable of the TorchServe process naming the trust store (a lock file).
+TRUST_STORE_ENV = "SECURE_HANDLER_TRUST_STORE"
+
+_CHUNK = 1 << 20
+_MAX_TS_MEMBERS = 100_000
+
+
+def sha256_file(path: str | os.PathLike[str]) -> str:
+    """Hex SHA-256 of a file, read in chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def choose_device(properties: Mapping[str, Any], preference: str = "auto") -> torch.device:
+    """`cuda:{gpu_id}` when CUDA is there and TorchServe assigned a GPU, else the CPU.
+
+    `preference` is the handler config's `device`: `cpu` forces the CPU, `cuda` demands a GPU
+    and fails loudly rather than silently running on the CPU.
+    """
+    gpu_id = properties.get("gpu_id")
+    cuda_ok = torch.cuda.is_available()
+    if preference == "cpu":
+        return torch.device("cpu")
+    if preference == "cuda" and not cuda_ok:
+        raise ConfigurationError(
+            "handler config asks for `device: cuda` but CUDA is not available in the worker; "
+            "install a CUDA build of torch or set `device: cpu`"
+        )
+    if cuda_ok and (gpu_id is not None or preference == "cuda"):
+        return torch.device(f"cuda:{int(gpu_id or 0)}")
+    return torch.device("cpu")
+
+
+def check_manifest(manifest: Mapping[str, Any]) -> str:
+    """Refuse eager archives; return the serialized file's name.
+
+    Raises:
+        UnsafeModelError: the manifest names a `modelFile` (eager mode unpickles).
+        ConfigurationError: the manifest names no `serializedFile`.
+    """
+    model = manifest.get("model") or {}
+    if model.get("modelFile"):
+        raise UnsafeModelError(
+            f"manifest names modelFile={model['modelFile']!r}: eager models are loaded with "
+            "torch.load, which unpickles. Export the model with torch.jit.script or "
+            "torch.jit.trace and archive it without --model-file"
+        )
+    serialized = model.get("serializedFile")
+    if not serialized:
+        raise ConfigurationError(
+            "manifest has no serializedFile; archive the TorchScript model with "
+            "torch-model-archiver --serialized-file model.pt"
+        )
+    if os.path.isabs(serialized) or ".." in Path(serialized).parts:
+        raise UnsafeModelError(f"serializedFile {serialized!r} escapes the model directory")
+    return str(serialized)
+
+
+def check_torchscript_archive(path: str | os.PathLike[str]) -> None:
+    """Show that `path` is a TorchScript archive by its zip members, without unpickling.
+
+    A TorchScript file is a zip with one top-level folder holding `code/`, `constants.pkl` and
+    `data.pkl`. A `torch.save` checkpoint is a zip too, but has no `code/` or `constants.pkl`,
+    so the magic bytes alone cannot tell them apart.
+
+    Raises:
+        UnsafeModelError: naming what was found instead and how to export a TorchScript model.
+    """
+    name = os.fspath(path)
+    fix = "export it with torch.jit.script(model).save(path) or torch.jit.trace"
+    try:
+        with zipfile.ZipFile(name) as zf:
+            members = zf.namelist()
+    except (zipfile.BadZipFile, OSError) as exc:
+        kind = "a raw pickle" if _looks_like_pickle(name) else "not a zip archive"
+        raise UnsafeModelError(f"{name}: {kind}, not TorchScript; {fix}") from exc
+    if not members or len(members) > _MAX_TS_MEMBERS:
+        raise UnsafeModelError(f"{name}: {len(members)} zip members, not TorchScript; {fix}")
+    roots = {m.split("/", 1)[0] for m in members}
+    if len(roots) != 1 or any(m.startswith("/") or ".." in m.split("/") for m in members):
+        raise UnsafeModelError(f"{name}: zip members are not under one folder; {fix}")
+    root = roots.pop()
+    has_code = any(m.startswith(f"{root}/code/") for m in members)
+    needed = {f"{root}/constants.pkl", f"{root}/data.pkl"}
+    if not has_code or not needed <= set(members):
+        what = "a torch.save checkpoint" if f"{root}/data.pkl" in members else "an unknown zip"
+        raise UnsafeModelError(
+            f"{name}: {what} (no code/ or constants.pkl), not TorchScript. torch.save files "
+            f"are loaded by unpickling; {fix}"
+        )
+
+
+def _looks_like_pickle(path: str) -> bool:
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(2)
+    except OSError:
+        return False
+    return len(head) == 2 and head[0] == 0x80 and 1 <= head[1] <= 5
+
+
+def verify_sha256(path: str | os.PathLike[str], expected: str, source: str) -> None:
+    """Compare the file's SHA-256 with `expected` (hex), naming `source` on mismatch."""
+    actual = sha256_file(path)
+    if actual.lower() != expected.lower():
+        raise IntegrityError(
+            f"{os.fspath(path)}: SHA-256 {actual} does not match {expected} from {source}; "
+            "the model file was changed or the pin is stale. Re-archive or update the pin"
+        )
+
+
+def verify_embedded_digests(model_dir: str | os.PathLike[str]) -> str | None:
+    """Check every member listed in the embedded digest manifest, when there is one.
+
+    Returns the SHA-256 of the digest manifest itself (so a trust store can pin it), or None
+    when the archive carries none.
+    """
+    manifest_path = Path(model_dir, DIGESTS_MEMBER)
+    if not manifest_path.is_file():
+        return None
+    try:
+        files = json.loads(manifest_path.read_text("utf-8"))["files"]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise IntegrityError(f"{DIGESTS_MEMBER} is not valid JSON with `files`") from exc
+    if not isinstance(files, dict):
+        raise IntegrityError(f"{DIGESTS_MEMBER}: `files` must map member names to SHA-256")
+    root = Path(model_dir).resolve()
+    for member, expected in files.items():
+        target = (root / member).resolve()
+        if root not in target.parents or not target.is_file():
+            raise IntegrityError(f"{DIGESTS_MEMBER} lists {member!r}, which is missing")
+        verify_sha256(target, str(expected), DIGESTS_MEMBER)
+    return sha256_file(manifest_path)
+
+
+def _trust_entry(store: Mapping[str, Any], name: str, version: str | None) -> Any:
+    for entry in store.get("models", []):
+        if entry.get("name") == name and (version is None or entry.get("version") == version):
+            return entry
+    return None
+
+
+def verify_trust_store(
+    name: str,
+    version: str | None,
+    serialized_path: str | os.PathLike[str],
+    digests_sha256: str | None,
+    required: bool,
+) -> bool:
+    """Check the model against the trust store named by `$SECURE_HANDLER_TRUST_STORE`.
+
+    The store lives outside the archive, so swapping the MAR cannot also swap the pin. It is a
+    lock file written by `secure-handler lock`. Returns True when an entry was checked.
+
+    Raises:
+        IntegrityError: a digest differs, or `required` and there is no store or entry.
+    """
+    store_path = os.environ.get(TRUST_STORE_ENV)
+    if not store_path:
+        if required:
+            raise IntegrityError(
+                f"require_pin is set but ${TRUST_STORE_ENV} is not set in the TorchServe "
+                "environment; point it at the lock file from `secure-handler lock`"
+            )
+        return False
+    try:
+        store = json.loads(Path(store_path).read_text("utf-8"))
+    except (OSError, ValueError) as exc:
+        raise IntegrityError(f"cannot read trust store {store_path}: {exc}") from exc
+    entry = _trust_entry(store, name, version)
+    if entry is None:
+        if required:
+            raise IntegrityError(
+                f"trust store {store_path} has no entry for model {name!r} version {version!r}; "
+                "re-run `secure-handler lock` over the model store"
+            )
+        return False
+    verify_sha256(serialized_path, str(entry.get("serialized_sha256", "")), store_path)
+    pinned_digests = entry.get("digests_sha256")
+    if pinned_digests and pinned_digests != digests_sha256:
+        raise IntegrityError(
+            f"embedded digest manifest of {name!r} does not match trust store {store_path}"
+        )
+    return True
+
+
+def load_torchscript(path: str | os.PathLike[str], device: torch.device) -> torch.jit.ScriptModule:
+    """`torch.jit.load` onto `device`, in eval mode. Call only after the checks above."""
+    with warnings.catch_warnings():
+        # torch 2.13 deprecates TorchScript; silence exactly that message and nothing wider.
+        warnings.filterwarnings(
+            "ignore", message=r"`torch\.jit\.load` is deprecated", category=DeprecationWarning
+        )
+        module = torch.jit.load(os.fspath(path), map_location=device)
+    module.eval()
+    return module
