@@ -234,6 +234,8 @@ def load_torchscript(path: str | os.PathLike[str], device: torch.device) -> torc
         warnings.filterwarnings(
             "ignore", message=r"`torch\.jit\.load` is deprecated", category=DeprecationWarning
         )
-        module = torch.jit.load(os.fspath(path), map_location=device)
+        module: torch.jit.ScriptModule = torch.jit.load(  # type: ignore[no-untyped-call]
+            os.fspath(path), map_location=device
+        )
     module.eval()
     return module

@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -124,10 +125,8 @@ class TorchServe:
             except subprocess.TimeoutExpired:
                 continue
         # Workers may outlive the frontend for a moment; take the group down for good.
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
 
     def __enter__(self) -> TorchServe:
         return self.start()
@@ -150,7 +149,8 @@ class TorchServe:
 
     def _check_alive(self) -> None:
         if self.process is None or self.process.poll() is not None:
-            tail = self.log_path.read_text("utf-8", "replace")[-3000:] if self.log_path.exists() else ""
+            log = self.log_path
+            tail = log.read_text("utf-8", "replace")[-3000:] if log.exists() else ""
             raise TorchServeError(f"torchserve exited; last output:\n{tail}")
 
     def wait_ready(self, management_url: str, model: str, timeout: float = 120.0) -> dict[str, Any]:
@@ -176,7 +176,7 @@ def http_json(method: str, url: str, token: str | None = None, timeout: float = 
     req = urllib.request.Request(url, method=method)
     if token:
         req.add_header("Authorization", f"Bearer {token}")
-    with urllib.request.urlopen(req, timeout=timeout) as resp:  # noqa: S310 (loopback only)
+    with urllib.request.urlopen(req, timeout=timeout) as resp:
         return json.loads(resp.read().decode("utf-8"))
 
 

@@ -1,0 +1,241 @@
+"""`SecureBaseHandler`: per-request isolation, typed errors, TorchScript-only loading.
+
+A subclass says only what makes it different (see ARCHITECTURE.md):
+
+* `limits_model`: its pydantic limits;
+* `read_payload(row, idx)`: the request's envelope → bytes or text (size, base64, JSON shape);
+* `decode(payload, idx)`: payload → one item, raising a `RequestError` to refuse it;
+* `assemble(items)`: the valid items → one model input;
+* `format_outputs(outputs, items)`: the model output → one JSON-able result per item;
+* optionally `setup()` (labels, buffers) and `infer(batch)`.
+
+`handle()` always returns exactly one entry per request. A refused request gets its own status
+and `{"error": {"code", "message"}}` body; its neighbours are served. If inference fails, the
+valid rows get 500 (507 when out of memory) and the worker stays alive.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from ts.torch_handler.base_handler import BaseHandler
+
+from . import loading
+from .errors import (
+    BatchError,
+    BatchLimitExceeded,
+    ConfigurationError,
+    InferenceFailed,
+    OutOfMemory,
+    RequestError,
+    SecureHandlerError,
+)
+from .limits import BaseLimits, build_limits
+from .metrics import StageTimer, count_rejection
+
+__all__ = ["SecureBaseHandler"]
+
+logger = logging.getLogger(__name__)
+
+JSON_TYPE = "application/json"
+
+
+def _dumps(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"), allow_nan=False)
+
+
+class SecureBaseHandler(BaseHandler, ABC):  # type: ignore[misc]
+    """Base of every secure handler; subclass one of the concrete handlers instead."""
+
+    limits_model: ClassVar[type[BaseLimits]] = BaseLimits
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.limits: Any = None
+        self.model_name = ""
+
+    # --- initialize ---------------------------------------------------------------------
+
+    def initialize(self, context: Any) -> None:
+        """Validate the config, verify and load the TorchScript model, run `setup()`."""
+        self.context = context
+        self.manifest = context.manifest
+        self.model_name = str(getattr(context, "model_name", "") or "")
+        properties = context.system_properties
+        self.limits = build_limits(self.limits_model, self._handler_section(context),
+                                   self._class_overrides())
+        self._check_batch_size(properties.get("batch_size"))
+        self.device = loading.choose_device(properties, self.limits.device)
+        self.map_location = str(self.device)
+        self.model = self._load_model(Path(properties.get("model_dir") or "."))
+        self.setup()
+        if self.limits.warmup:
+            self.warm_up()
+        self.initialized = True
+        logger.info("%s ready on %s with %s", self.model_name, self.device, self.limits)
+
+    @staticmethod
+    def _handler_section(context: Any) -> Mapping[str, Any] | None:
+        config = getattr(context, "model_yaml_config", None) or {}
+        if not isinstance(config, Mapping):
+            raise ConfigurationError("model-config.yaml must be a mapping")
+        section = config.get("handler")
+        return section if section is not None else {}
+
+    def _class_overrides(self) -> dict[str, Any]:
+        """Limits set as class attributes of the user's subclass (e.g. `crop_size = 128`)."""
+        fields = self.limits_model.model_fields
+        return {name: getattr(type(self), name) for name in fields if hasattr(type(self), name)}
+
+    def _check_batch_size(self, batch_size: Any) -> None:
+        if batch_size is not None and int(batch_size) > self.limits.max_batch_size:
+            raise ConfigurationError(
+                f"TorchServe batch_size {batch_size} is larger than the handler's "
+                f"max_batch_size {self.limits.max_batch_size}; lower batchSize in "
+                "model-config.yaml (or config.properties `models=`) or raise max_batch_size"
+            )
+
+    def _load_model(self, model_dir: Path) -> torch.jit.ScriptModule:
+        serialized = loading.check_manifest(self.manifest)
+        path = model_dir / serialized
+        if not path.is_file():
+            raise ConfigurationError(f"serializedFile {serialized!r} is not in the archive")
+        loading.check_torchscript_archive(path)
+        if self.limits.model_sha256:
+            loading.verify_sha256(path, self.limits.model_sha256, "handler.model_sha256")
+        digests = loading.verify_embedded_digests(model_dir)
+        version = (self.manifest.get("model") or {}).get("modelVersion")
+        loading.verify_trust_store(self.model_name, version, path, digests,
+                                   self.limits.require_pin)
+        return loading.load_torchscript(path, self.device)
+
+    # --- hooks -----------------------------------------------------------------------------
+
+    def setup(self) -> None:
+        """Called once after the model is loaded (labels, buffers). Default: nothing."""
+
+    def warm_up(self) -> None:
+        """Run one batch of synthetic input through the model (optional, `warmup: true`)."""
+        items = self.warmup_items()
+        if items:
+            self.infer(self.assemble(items))
+
+    def warmup_items(self) -> list[Any]:
+        """Items for `warm_up()`; subclasses that support warm-up override this."""
+        return []
+
+    @abstractmethod
+    def read_payload(self, row: Mapping[str, Any], idx: int) -> Any:
+        """Take one request's payload out of its envelope; raise a `RequestError` to refuse."""
+
+    @abstractmethod
+    def decode(self, payload: Any, idx: int) -> Any:
+        """Check and decode one payload into an item; raise a `RequestError` to refuse it."""
+
+    @abstractmethod
+    def assemble(self, items: Sequence[Any]) -> Any:
+        """Turn the valid items into one model input."""
+
+    @abstractmethod
+    def format_outputs(self, outputs: Any, items: Sequence[Any]) -> list[Any]:
+        """Turn the model output into one JSON-able result per item."""
+
+    def infer(self, batch: Any) -> Any:
+        """Run the model under `torch.inference_mode()` on the handler's device."""
+        with torch.inference_mode():
+            return self.model(self.to_device(batch))
+
+    def to_device(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Host → device; from pinned memory and non-blocking on CUDA."""
+        if self.device.type != "cuda":
+            return tensor
+        return tensor.pin_memory().to(self.device, non_blocking=True)
+
+    # --- the request path ------------------------------------------------------------------
+
+    def _is_describe(self) -> bool:
+        # TorchServe copies every client header, so `describe: True` on /predictions would
+        # turn the whole batch into a 503. Predictions never describe.
+        return False
+
+    def _is_explain(self) -> bool:
+        return False
+
+    def handle(self, data: list[Mapping[str, Any]], context: Any) -> list[Any]:
+        """One entry per request, always; see the module docstring."""
+        self.context = context
+        timer = StageTimer(context)
+        results: list[Any] = [None] * len(data)
+        valid: dict[int, Any] = {}
+        for idx, row in enumerate(data):
+            try:
+                if idx >= self.limits.max_batch_size:
+                    raise BatchLimitExceeded("batch is over max_batch_size; retry the request")
+                payload = self.read_payload(row, idx)
+                timer.mark("payload")
+                valid[idx] = self.decode(payload, idx)
+            except RequestError as err:
+                results[idx] = self._refuse(context, idx, err)
+            except Exception as exc:  # a bug or library fault on this row only
+                logger.exception("unexpected error decoding request %d", idx)
+                results[idx] = self._refuse(context, idx, SecureHandlerError(
+                    f"internal error while reading the request ({type(exc).__name__})"))
+            timer.mark("decode")
+        if valid:
+            for idx, body in zip(valid, self._run_batch(list(valid.values()), timer), strict=True):
+                results[idx] = self._respond(context, idx, body)
+        timer.emit()
+        return results
+
+    def _run_batch(self, items: list[Any], timer: StageTimer) -> list[Any]:
+        try:
+            batch = self.assemble(items)
+            timer.mark("assemble")
+            outputs = self.infer(batch)
+            timer.mark("inference")
+            bodies = self.format_outputs(outputs, items)
+            timer.mark("postprocess")
+        except Exception as exc:
+            failure = _batch_failure(exc)
+            logger.error("batch of %d failed: %s: %s", len(items), type(exc).__name__, exc)
+            return [failure] * len(items)
+        if len(bodies) != len(items):
+            return [InferenceFailed("model returned the wrong number of results")] * len(items)
+        return bodies
+
+    def _respond(self, context: Any, idx: int, body: Any) -> str:
+        if isinstance(body, SecureHandlerError):
+            return self._refuse(context, idx, body)
+        context.set_response_status(200, "OK", idx)
+        context.set_response_content_type(idx, JSON_TYPE)
+        return _dumps(body)
+
+    def _refuse(self, context: Any, idx: int, err: SecureHandlerError) -> str:
+        context.set_response_status(err.status, err.phrase, idx)
+        context.set_response_content_type(idx, JSON_TYPE)
+        count_rejection(context, err.code)
+        # Never log the body or headers: they carry user data and the bearer token.
+        logger.info("request %d refused: %s %s", idx, err.status, err.code)
+        return err.to_json()
+
+
+def _batch_failure(exc: BaseException) -> BatchError:
+    if isinstance(exc, BatchError):
+        return exc
+    if isinstance(exc, MemoryError) or _is_oom(exc):
+        return OutOfMemory("the model ran out of memory on this batch; retry with less load")
+    return InferenceFailed(f"inference failed for this batch ({type(exc).__name__})")
+
+
+def _is_oom(exc: BaseException) -> bool:
+    oom = getattr(torch, "OutOfMemoryError", None) or getattr(torch.cuda, "OutOfMemoryError", None)
+    if oom is not None and isinstance(exc, oom):
+        return True
+    # TorchScript wraps errors raised inside the module; the allocator's message survives.
+    return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()

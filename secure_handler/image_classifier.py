@@ -1,0 +1,146 @@
+"""`SecureImageClassifier`: checked images → one uint8 batch tensor → softmax top-k.
+
+The fast path, per image: header checks, JPEG draft decoding at the smallest DCT scale that
+still covers the resize, one `resize` of just the centre-crop box straight to the model's
+input size, and a uint8 copy into a preallocated batch slot. Normalisation then runs once on
+the whole batch in float, instead of per image as torchvision's transforms do.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .errors import ConfigurationError
+from .limits import ImageClassifierLimits
+from .vision import SecureVisionHandler
+
+__all__ = ["SecureImageClassifier", "load_labels"]
+
+MAX_LABELS = 100_000
+
+
+def load_labels(path: Path) -> dict[int, str]:
+    """Read `index_to_name.json`: JSON only, `{"0": "cat", ...}`; validated, never unpickled."""
+    if not path.is_file():
+        return {}
+    try:
+        raw = json.loads(path.read_text("utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ConfigurationError(f"{path.name} is not valid JSON: {exc}") from exc
+    if not isinstance(raw, dict) or len(raw) > MAX_LABELS:
+        raise ConfigurationError(f"{path.name} must be an object mapping class index to label")
+    labels: dict[int, str] = {}
+    for key, value in raw.items():
+        if not (isinstance(key, str) and key.isdigit()) or not isinstance(value, str):
+            raise ConfigurationError(
+                f"{path.name}: entry {key!r}: {value!r} must map a class index like \"0\" to a "
+                "label string"
+            )
+        labels[int(key)] = value
+    return labels
+
+
+def top_k(
+    logits: torch.Tensor, k: int, digits: int, labels: dict[int, str]
+) -> list[dict[str, Any]]:
+    """Softmax top-k per row → `{"predictions": [{"label", "class", "probability"}]}`."""
+    probs = torch.softmax(logits.detach().float().cpu(), dim=1)
+    values, classes = probs.topk(min(k, probs.shape[1]), dim=1)
+    results = []
+    for row_p, row_c in zip(values.tolist(), classes.tolist(), strict=True):
+        preds = [
+            {"label": labels.get(c, str(c)), "class": c, "probability": round(p, digits)}
+            for p, c in zip(row_p, row_c, strict=True)
+        ]
+        results.append({"predictions": preds})
+    return results
+
+
+class SecureImageClassifier(SecureVisionHandler):
+    """Hardened, batched image classifier for TorchScript models.
+
+    The model takes float `[B, 3, crop_size, crop_size]` normalised with `mean`/`std` and
+    returns logits `[B, classes]`. Override limits as class attributes, e.g.::
+
+        class MyHandler(SecureImageClassifier):
+            crop_size = 128
+            mean = (0.5, 0.5, 0.5)
+            std = (0.5, 0.5, 0.5)
+    """
+
+    limits_model: ClassVar[type[ImageClassifierLimits]] = ImageClassifierLimits
+    #: Optional labels in code; `index_to_name.json` in the archive is used otherwise.
+    labels: ClassVar[Sequence[str] | None] = None
+    #: Hand the model a channels-last tensor (measured faster for convolutions on CPU).
+    channels_last: ClassVar[bool] = True
+
+    def setup(self) -> None:
+        limits: ImageClassifierLimits = self.limits
+        if limits.crop_size > limits.resize_size:
+            raise ConfigurationError(
+                f"crop_size {limits.crop_size} is larger than resize_size {limits.resize_size}"
+            )
+        model_dir = Path(self.context.system_properties.get("model_dir") or ".")
+        if self.labels is not None:
+            self.label_map = dict(enumerate(self.labels))
+        else:
+            self.label_map = load_labels(model_dir / "index_to_name.json")
+        side = limits.crop_size
+        # One uint8 buffer for the largest batch, reused: a worker runs one batch at a time.
+        self._slots = torch.empty((limits.max_batch_size, side, side, 3), dtype=torch.uint8)
+        self._slots_np = self._slots.numpy()
+        mean = torch.tensor(limits.mean, dtype=torch.float32).view(1, 3, 1, 1)
+        std = torch.tensor(limits.std, dtype=torch.float32).view(1, 3, 1, 1)
+        self._scale = 1.0 / (255.0 * std)
+        self._shift = mean / std
+
+    # --- per request ---------------------------------------------------------------------
+
+    def decode(self, payload: Any, idx: int) -> int:
+        """Check, decode and write one image into batch slot `idx`; returns the slot."""
+        opened = self.open_image(payload)
+        img = self.pixels(opened, self._draft_size(opened.size))
+        self._slots_np[idx] = np.asarray(self._center_crop(img))
+        return idx
+
+    def _draft_size(self, size: tuple[int, int]) -> tuple[int, int]:
+        scale = min(1.0, self.limits.resize_size / min(size))
+        return math.ceil(size[0] * scale), math.ceil(size[1] * scale)
+
+    def _center_crop(self, img: Image.Image) -> Image.Image:
+        """Resize (short side → resize_size) and centre-crop in one resample of the crop box."""
+        limits: ImageClassifierLimits = self.limits
+        width, height = img.size
+        box_side = limits.crop_size * min(width, height) / limits.resize_size
+        left, top = (width - box_side) / 2, (height - box_side) / 2
+        box = (left, top, left + box_side, top + box_side)
+        return img.resize((limits.crop_size, limits.crop_size), Image.Resampling.BILINEAR, box=box)
+
+    # --- per batch ----------------------------------------------------------------------
+
+    def assemble(self, items: Sequence[int]) -> torch.Tensor:
+        """The valid slots → one normalised float batch (a single multiply-add)."""
+        n = len(items)
+        contiguous = list(items) == list(range(n))
+        u8 = self._slots[:n] if contiguous else self._slots[torch.tensor(list(items))]
+        batch = u8.permute(0, 3, 1, 2).float()  # NHWC memory = channels-last NCHW view
+        batch.mul_(self._scale).sub_(self._shift)
+        return batch if self.channels_last else batch.contiguous()
+
+    def format_outputs(self, outputs: Any, items: Sequence[int]) -> list[Any]:
+        if not isinstance(outputs, torch.Tensor) or outputs.dim() != 2:
+            raise TypeError("image classifier model must return logits [batch, classes]")
+        limits: ImageClassifierLimits = self.limits
+        return top_k(outputs, limits.top_k, limits.probability_digits, self.label_map)
+
+    def warmup_items(self) -> list[int]:
+        self._slots[:1].fill_(128)
+        return [0]

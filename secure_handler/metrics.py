@@ -1,0 +1,57 @@
+"""TorchServe custom metrics: rejections by error code and time per stage.
+
+Emitted through `context.metrics`, so they reach the metrics endpoint (Prometheus format with
+`metrics_mode=prometheus`) like TorchServe's own. A metrics failure never fails a request.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from ts.metrics.dimension import Dimension
+
+__all__ = ["REJECTED_METRIC", "STAGE_METRIC", "STAGES", "StageTimer", "count_rejection"]
+
+logger = logging.getLogger(__name__)
+
+REJECTED_METRIC = "SecureHandlerRejected"
+STAGE_METRIC = "SecureHandlerStageTime"
+STAGES = ("payload", "decode", "assemble", "inference", "postprocess")
+
+
+def count_rejection(context: Any, code: str) -> None:
+    """Count one refused request under its stable error code."""
+    metrics = getattr(context, "metrics", None)
+    if metrics is None:
+        return
+    try:
+        metrics.add_counter(REJECTED_METRIC, 1, None, [Dimension("ErrorCode", code)])
+    except Exception:  # metrics must never fail a request
+        logger.debug("could not record %s", REJECTED_METRIC, exc_info=True)
+
+
+class StageTimer:
+    """Accumulates wall time per stage over one batch; `mark(stage)` closes the current lap."""
+
+    def __init__(self, context: Any) -> None:
+        self._context = context
+        self._last = time.perf_counter()
+        self.totals: dict[str, float] = {}
+
+    def mark(self, stage: str) -> None:
+        now = time.perf_counter()
+        self.totals[stage] = self.totals.get(stage, 0.0) + (now - self._last) * 1000.0
+        self._last = now
+
+    def emit(self) -> None:
+        metrics = getattr(self._context, "metrics", None)
+        if metrics is None:
+            return
+        try:
+            for stage, ms in self.totals.items():
+                metrics.add_time(STAGE_METRIC, round(ms, 3), None, "ms",
+                                 [Dimension("Stage", stage)])
+        except Exception:
+            logger.debug("could not record %s", STAGE_METRIC, exc_info=True)
