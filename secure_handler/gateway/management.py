@@ -1,0 +1,151 @@
+"""The management operations the gateway allows, and the checks on their parameters.
+
+Only four operations reach TorchServe's management port: list, describe, scale workers and
+register. Register takes a model NAME; the gateway itself turns it into the plain archive name
+`<name>.mar` inside the model store. Anything else in `url=` (a scheme, an absolute path,
+`..`, percent-encoded or doubly encoded tricks, a backslash, a NUL) is refused before TorchServe
+sees it: the URL download of CVE-2023-43654 (SSRF, CWE-918) and path traversal (CWE-22).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from pathlib import Path
+
+from .config import NAME_PATTERN
+from .errors import Forbidden, GatewayError
+
+__all__ = [
+    "describe_params",
+    "list_params",
+    "register_params",
+    "scale_params",
+    "store_archive",
+]
+
+#: The one shape a register `url=` may have: a plain archive name, no directory part.
+_ARCHIVE_RE = re.compile(NAME_PATTERN.rstrip("$") + r"\.mar$")
+_NAME_RE = re.compile(NAME_PATTERN)
+
+
+def _bad(message: str) -> GatewayError:
+    return GatewayError(400, "malformed_request", message)
+
+
+def _single(items: Sequence[tuple[str, str]], allowed: set[str]) -> dict[str, str]:
+    """Query parameters as a dict; unknown or repeated names are refused (no HTTP parameter
+    pollution: TorchServe and the gateway might otherwise read different values)."""
+    params: dict[str, str] = {}
+    for name, value in items:
+        if name not in allowed:
+            raise _bad(f"parameter {name[:40]!r} is not allowed here")
+        if name in params:
+            raise _bad(f"parameter {name!r} given more than once")
+        params[name] = value
+    return params
+
+
+def _int(params: dict[str, str], name: str, low: int, high: int) -> str | None:
+    value = params.get(name)
+    if value is None:
+        return None
+    if not value.isascii() or not value.isdigit() or not low <= int(value) <= high:
+        raise _bad(f"{name} must be an integer from {low} to {high}")
+    return str(int(value))
+
+
+def _bool(params: dict[str, str], name: str) -> str | None:
+    value = params.get(name)
+    if value is None:
+        return None
+    if value.lower() not in ("true", "false"):
+        raise _bad(f"{name} must be true or false")
+    return value.lower()
+
+
+def _drop_none(params: dict[str, str | None]) -> dict[str, str]:
+    return {k: v for k, v in params.items() if v is not None}
+
+
+def store_archive(store: Path, url: str) -> str:
+    """Check that `url` is a plain archive name of a file inside `store`; return it.
+
+    Raises Forbidden (`forbidden_model_source`) for anything that could leave the store, and
+    GatewayError 404 when the name is fine but no such archive exists.
+    """
+    if not _ARCHIVE_RE.fullmatch(url):
+        raise Forbidden(
+            "models are registered by name from the model store; URLs and paths are refused",
+            code="forbidden_model_source",
+        )
+    root = store.resolve()
+    path = (root / url).resolve()
+    # A symlink in the store that points elsewhere is refused too.
+    if path.parent != root:
+        raise Forbidden("the archive is not inside the model store", code="forbidden_model_source")
+    if not path.is_file():
+        raise GatewayError(404, "model_not_found", f"no archive {url!r} in the model store")
+    return url
+
+
+def register_params(
+    items: Sequence[tuple[str, str]], store: Path, max_workers: int
+) -> tuple[str, dict[str, str]]:
+    """The model name and TorchServe's register parameters, from the client's query.
+
+    The client gives `model_name` (and may repeat it as `url=<name>.mar`); `handler`,
+    `runtime` and every other parameter TorchServe knows are refused.
+    """
+    allowed = {"model_name", "url", "initial_workers", "batch_size", "max_batch_delay",
+               "response_timeout", "synchronous"}
+    params = _single(items, allowed)
+    if "url" in params:
+        url = params["url"]
+        store_archive(store, url)  # refuse before anything else, whatever model_name says
+    name = params.get("model_name") or params.get("url", "").removesuffix(".mar")
+    if not _NAME_RE.fullmatch(name):
+        raise _bad("model_name must be a plain model name")
+    url = store_archive(store, params.get("url", f"{name}.mar"))
+    upstream = _drop_none({
+        "url": url,
+        "model_name": name,
+        "initial_workers": _int(params, "initial_workers", 0, max_workers),
+        "batch_size": _int(params, "batch_size", 1, 1024),
+        "max_batch_delay": _int(params, "max_batch_delay", 0, 60_000),
+        "response_timeout": _int(params, "response_timeout", 1, 3600),
+        "synchronous": _bool(params, "synchronous"),
+    })
+    return name, upstream
+
+
+def scale_params(items: Sequence[tuple[str, str]], max_workers: int) -> dict[str, str]:
+    """TorchServe's scale-workers parameters, bounded by `max_workers`."""
+    params = _single(items, {"min_worker", "max_worker", "synchronous", "timeout"})
+    upstream = _drop_none({
+        "min_worker": _int(params, "min_worker", 0, max_workers),
+        "max_worker": _int(params, "max_worker", 0, max_workers),
+        "synchronous": _bool(params, "synchronous"),
+        "timeout": _int(params, "timeout", 0, 600),
+    })
+    if "min_worker" not in upstream and "max_worker" not in upstream:
+        raise _bad("give min_worker and/or max_worker")
+    low, high = upstream.get("min_worker"), upstream.get("max_worker")
+    if low is not None and high is not None and int(low) > int(high):
+        raise _bad("min_worker must not exceed max_worker")
+    return upstream
+
+
+def list_params(items: Sequence[tuple[str, str]]) -> dict[str, str]:
+    """TorchServe's list-models paging parameters."""
+    params = _single(items, {"limit", "next_page_token"})
+    return _drop_none({
+        "limit": _int(params, "limit", 1, 1000),
+        "next_page_token": _int(params, "next_page_token", 0, 1_000_000),
+    })
+
+
+def describe_params(items: Sequence[tuple[str, str]]) -> dict[str, str]:
+    """Describe takes no parameters: `customized=true` would run handler code."""
+    _single(items, set())
+    return {}
