@@ -1,0 +1,64 @@
+"""Fixtures for the attack suite: handlers built on TorchServe's real `Context`.
+
+`classifier(**handler_config)` returns a ready `Target` (see harness.py); handlers are cached
+per config, since each costs a TorchScript load.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from attacks.harness import MANIFEST, Target
+from support import LABELS, build_tiny_classifier
+
+from secure_handler import SecureImageClassifier
+from secure_handler.testing import make_context
+
+
+def quiet_context(*args: Any, **kw: Any) -> Any:
+    """`make_context`, minus the ResourceWarning of ts 0.12's metrics cache.
+
+    `MetricsCacheYamlImpl.__init__` does `yaml.safe_load(open(path))` and never closes the
+    file; with `filterwarnings = error` that leak fails the test at garbage collection.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=ResourceWarning, message=r".*metrics\.yaml")
+        return make_context(*args, **kw)
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An unpacked archive: the tiny TorchScript classifier and its labels."""
+    directory = tmp_path_factory.mktemp("tiny-model")
+    build_tiny_classifier(directory)
+    (directory / "index_to_name.json").write_text(json.dumps(LABELS))
+    return directory
+
+
+@pytest.fixture(scope="session")
+def classifier(model_dir: Path) -> Iterator[Callable[..., Target]]:
+    """`classifier(**handler_config)` → a ready `Target` (cached per config)."""
+    cache: dict[str, Target] = {}
+
+    def build(batch_size: int = 8, **config: Any) -> Target:
+        key = json.dumps([batch_size, config], sort_keys=True)
+        if key not in cache:
+            ctx = quiet_context(model_dir, MANIFEST, {"handler": config}, batch_size=batch_size)
+            handler = SecureImageClassifier()
+            handler.initialize(ctx)
+            cache[key] = Target(handler, ctx)
+        return cache[key]
+
+    yield build
+    cache.clear()
+
+
+@pytest.fixture
+def target(classifier: Callable[..., Target]) -> Target:
+    """The handler with its default limits (PNG and JPEG, 4096 px, 10 MiB, no animation)."""
+    return classifier()
