@@ -191,6 +191,8 @@ class SecureBaseHandler(BaseHandler, ABC):  # type: ignore[misc]
             for idx, body in zip(valid, self._run_batch(list(valid.values()), timer), strict=True):
                 results[idx] = self._respond(context, idx, body)
         timer.emit()
+        logger.info("batch rows=%d served=%d refused=%d", len(data), len(valid),
+                    len(data) - len(valid))
         return results
 
     def _run_batch(self, items: list[Any], timer: StageTimer) -> list[Any]:

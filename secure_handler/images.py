@@ -70,7 +70,7 @@ DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, IndexError, struct.
 
 def reason(exc: BaseException) -> str:
     """A decoder's complaint, safe to show a client (no object reprs or addresses)."""
-    text = re.sub(r"<[^<>]* at 0x[0-9a-fA-F]+>", "the data", str(exc)).strip()
+    text = re.sub(r"\s*<[^<>]* at 0x[0-9a-fA-F]+>", "", str(exc)).strip()
     return (text or type(exc).__name__)[:200]
 
 
