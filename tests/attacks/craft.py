@@ -10,7 +10,7 @@ from __future__ import annotations
 import io
 import struct
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -22,6 +22,9 @@ GREEN: RGB = (20, 230, 20)
 BLUE: RGB = (20, 20, 230)
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+#: A zero-argument builder of hostile bytes (for parametrised tests).
+Builder = Callable[[], bytes]
 
 
 def encode(img: Image.Image, fmt: str, **save: Any) -> bytes:
@@ -76,7 +79,9 @@ def png_rgb16(colour: RGB, size: tuple[int, int] = (32, 24)) -> bytes:
 def png_gray16(value: int, size: tuple[int, int] = (32, 24)) -> bytes:
     """A valid 16-bit greyscale PNG (Pillow mode I;16) filled with `value` (0..65535)."""
     arr = np.full((size[1], size[0]), value, dtype=np.uint16)
-    return encode(Image.fromarray(arr, mode="I;16"), "PNG")
+    img = Image.fromarray(arr)
+    assert img.mode == "I;16", img.mode
+    return encode(img, "PNG")
 
 
 def png_with_ztxt_bomb(megabytes: int = 64) -> bytes:
