@@ -7,6 +7,8 @@ narrow it (a declared disallowed type is refused) but never widen it.
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 from attacks import craft
 from attacks.harness import Target, assert_class, assert_refused
@@ -80,8 +82,9 @@ def test_zip_named_jpg_is_refused(target: Target) -> None:
 def test_zip_as_multipart_file_field_is_refused(target: Target) -> None:
     """CWE-434: the same ZIP as a form field named `data` with a `.jpg` filename's type."""
     data = craft.zip_archive({"payload.py": b"import os\n"})
-    request = Request(None, params={"data": bytearray(data)},
-                      headers={"data": {"content-type": "image/jpeg"}})
+    # The worker keys a form field's content type by the field name.
+    field_headers: dict[str, Any] = {"data": {"content-type": "image/jpeg"}}
+    request = Request(None, params={"data": bytearray(data)}, headers=field_headers)
     assert_refused(target.send(request)[0], 415, "unsupported_media_type")
 
 
