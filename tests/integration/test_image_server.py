@@ -12,6 +12,7 @@ import concurrent.futures as cf
 import io
 import json
 import re
+
 import pytest
 from PIL import Image
 from support import classifier_mar, image_bytes, post, running_server
@@ -100,4 +101,5 @@ def test_describe_header_on_predictions_is_ignored(server) -> None:
     url = f"{server.inference_url}/predictions/tiny"
     status, body = post(url, image_bytes("blue"), "image/jpeg", server.tokens["inference"],
                         headers={"describe": "True"})
-    assert status == 200 and body["predictions"][0]["label"] == "blue"
+    assert status == 200
+    assert body["predictions"][0]["label"] == "blue"
