@@ -52,6 +52,9 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
                          help="models this key may use")
     new_key.add_argument("--rate", default="5/s", help="token refill rate: N, N/s, N/m or N/h")
     new_key.add_argument("--burst", type=int, help="bucket size (default: ⌈rate per second⌉)")
+    # SUPPRESS: `gateway --json new-key` and `gateway new-key --json` both work.
+    new_key.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
+                         help="machine-readable output")
 
 
 def _dispatch(args: argparse.Namespace) -> int:
