@@ -34,7 +34,16 @@ from .errors import (
 )
 from .handler import SecureBaseHandler
 from .image_classifier import SecureImageClassifier
-from .limits import BaseLimits, ImageClassifierLimits, ImageLimits
+from .limits import (
+    BaseLimits,
+    ImageClassifierLimits,
+    ImageLimits,
+    ObjectDetectorLimits,
+    TextClassifierLimits,
+    TextLimits,
+)
+from .object_detector import SecureObjectDetector
+from .text_classifier import SecureTextClassifier
 
 __version__ = "0.1.0"
 
@@ -55,12 +64,17 @@ __all__ = [
     "InvalidImage",
     "InvalidText",
     "MalformedRequest",
+    "ObjectDetectorLimits",
     "OutOfMemory",
     "PayloadTooLarge",
     "RequestError",
     "SecureBaseHandler",
     "SecureHandlerError",
     "SecureImageClassifier",
+    "SecureObjectDetector",
+    "SecureTextClassifier",
+    "TextClassifierLimits",
+    "TextLimits",
     "TextTooLong",
     "TooManyTokens",
     "UnsafeModelError",

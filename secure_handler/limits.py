@@ -7,6 +7,7 @@ of the user's handler subclass with the same name, and the `handler:` section of
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from typing import Any, Literal, TypeVar
 
@@ -19,6 +20,9 @@ __all__ = [
     "ImageClassifierLimits",
     "ImageFormat",
     "ImageLimits",
+    "ObjectDetectorLimits",
+    "TextClassifierLimits",
+    "TextLimits",
     "build_limits",
 ]
 
@@ -132,3 +136,83 @@ def _describe(model: type[BaseModel], exc: ValidationError) -> str:
         f"invalid handler config for {model.__name__}: " + "; ".join(problems)
         + f". Fix model-config.yaml `handler:`; known keys: {known}"
     )
+
+
+# --- text -----------------------------------------------------------------------------------
+
+_PLAIN_FILE_NAME = r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$"
+
+
+class TextLimits(BaseLimits):
+    """Checks on every text, and the tokenizer that turns it into ids (see `text.py`)."""
+
+    max_request_bytes: int = Field(64 * 1024, gt=0, le=1024 * MiB)
+    max_text_chars: int = Field(10_000, gt=0, le=10_000_000)
+    max_tokens: int = Field(512, gt=0, le=1_000_000)
+    truncate: bool = False
+    normalize: Literal["NFC", "NFKC"] = "NFKC"
+    reject_control_chars: bool = True
+    reject_bidi_controls: bool = True
+    tokenizer: Literal["auto", "word", "byte"] = "auto"
+    vocab_file: str = Field("vocab.json", pattern=_PLAIN_FILE_NAME)
+    max_vocab_entries: int = Field(1_000_000, gt=0, le=50_000_000)
+    unk_token: str = Field("<unk>", min_length=1)
+    pad_token: str = Field("<pad>", min_length=1)
+    lowercase: bool = True
+    token_pattern: str = r"[a-z0-9']+"
+
+    @field_validator("token_pattern")
+    @classmethod
+    def _usable_pattern(cls, value: str) -> str:
+        try:
+            compiled = re.compile(value)
+        except re.error as exc:
+            raise ValueError(f"not a regular expression: {exc}") from exc
+        if compiled.fullmatch(""):
+            raise ValueError("must not match the empty string (every position would be a token)")
+        return value
+
+
+class TextClassifierLimits(TextLimits, _OutputLimits):
+    """Limits and model input of `SecureTextClassifier`."""
+
+    model_input: Literal["ids_mask", "bag"] = "ids_mask"
+    padding: Literal["longest", "max_tokens"] = "longest"
+
+
+# --- object detection -------------------------------------------------------------------------
+
+
+class ObjectDetectorLimits(ImageLimits):
+    """Model contract, resize and output settings of `SecureObjectDetector`."""
+
+    model_contract: Literal["auto", "list", "tensor"] = "auto"
+    input_size: tuple[int, int] | None = None  # (height, width) of a `tensor` model's input
+    resize: Literal["stretch", "letterbox"] = "stretch"
+    letterbox_fill: int = Field(114, ge=0, le=255)
+    max_model_side: int = Field(1333, gt=0, le=8192)
+    mean: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    std: tuple[float, float, float] = (1.0, 1.0, 1.0)
+    score_threshold: float = Field(0.5, ge=0.0, le=1.0)
+    max_detections: int = Field(100, gt=0, le=10_000)
+    box_digits: int = Field(1, ge=0, le=6)
+    score_digits: int = Field(4, ge=0, le=10)
+
+    @field_validator("input_size", mode="before")
+    @classmethod
+    def _square(cls, value: Any) -> Any:
+        return (value, value) if isinstance(value, int) and not isinstance(value, bool) else value
+
+    @field_validator("input_size")
+    @classmethod
+    def _side_range(cls, value: tuple[int, int] | None) -> tuple[int, int] | None:
+        if value is not None and not all(0 < side <= 2048 for side in value):
+            raise ValueError("each side must be between 1 and 2048 pixels")
+        return value
+
+    @field_validator("std")
+    @classmethod
+    def _positive_std(cls, value: tuple[float, float, float]) -> tuple[float, float, float]:
+        if any(v <= 0 for v in value):
+            raise ValueError("every std must be > 0")
+        return value

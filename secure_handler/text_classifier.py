@@ -1,0 +1,129 @@
+"""`SecureTextClassifier`: checked text → token ids → one dynamically padded batch → top-k.
+
+Model contract (TorchScript), chosen with `handler.model_input`:
+
+* `ids_mask` (default): `forward(input_ids: int64 [B, T], attention_mask: int64 [B, T])`
+  → logits `[B, classes]`. T is the longest request of the batch (or `max_tokens` with
+  `padding: max_tokens`, for models traced at a fixed length); padding is the vocabulary's
+  `pad_token` id and mask 0.
+* `bag`: `forward(ids: int64 [N], offsets: int64 [B])` → logits `[B, classes]`, the
+  `nn.EmbeddingBag` convention: request i is `ids[offsets[i]:offsets[i+1]]`, no padding.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+
+from . import payload, text
+from .errors import ConfigurationError, MalformedRequest
+from .handler import SecureBaseHandler
+from .image_classifier import load_labels, top_k
+from .limits import TextClassifierLimits
+
+__all__ = ["SecureTextClassifier"]
+
+JSON_TYPE = "application/json"
+
+
+class SecureTextClassifier(SecureBaseHandler):
+    """Hardened, batched text classifier for TorchScript models.
+
+    Accepts a `text/*` body, a binary body that must be strict UTF-8, or JSON
+    `{"text": "..."}` / `{"data": "..."}`. Override limits as class attributes, e.g.::
+
+        class MyHandler(SecureTextClassifier):
+            max_tokens = 128
+            truncate = True
+    """
+
+    limits_model: ClassVar[type[TextClassifierLimits]] = TextClassifierLimits
+    json_fields: ClassVar[tuple[str, ...]] = ("text", "data")
+    #: Optional labels in code; `index_to_name.json` in the archive is used otherwise.
+    labels: ClassVar[Sequence[str] | None] = None
+
+    def setup(self) -> None:
+        model_dir = Path(self.context.system_properties.get("model_dir") or ".")
+        self.tokenizer = text.make_tokenizer(model_dir, self.limits)
+        if self.labels is not None:
+            self.label_map = dict(enumerate(self.labels))
+        else:
+            self.label_map = load_labels(model_dir / "index_to_name.json")
+
+    # --- per request ---------------------------------------------------------------------
+
+    def read_payload(self, row: Mapping[str, Any], idx: int) -> str:
+        """The request's text, within `max_request_bytes` and valid Unicode."""
+        limits: TextClassifierLimits = self.limits
+        found = payload.extract(row, self.context.get_all_request_header(idx))
+        value = found.value
+        if isinstance(value, (bytes, bytearray)):
+            payload.check_size(len(value), limits.max_request_bytes)
+            decoded = text.decode_utf8(value)
+            if found.content_type != JSON_TYPE:
+                return decoded
+            # JSON the worker did not parse (TS_DECODE_INPUT_REQUEST=false, or it failed).
+            value = _parse_json(decoded)
+        elif isinstance(value, str):
+            # Characters never outnumber bytes, so this refuses a huge body before encoding it.
+            payload.check_size(len(value), limits.max_request_bytes)
+            payload.check_size(text.utf8_size(value), limits.max_request_bytes)
+            return value
+        field = payload.json_field(value, self.json_fields)
+        if not isinstance(field, str):
+            raise MalformedRequest(f"JSON field must be a string; got {type(field).__name__}")
+        payload.check_size(text.utf8_size(field), limits.max_request_bytes, "text")
+        return field
+
+    def decode(self, payload: str, idx: int) -> list[int]:
+        """Check and normalise one text, then tokenize it (bounded by `max_tokens`)."""
+        limits: TextClassifierLimits = self.limits
+        cleaned = text.clean_text(payload, limits)
+        return text.encode(self.tokenizer, cleaned, limits.max_tokens, limits.truncate)
+
+    # --- per batch ----------------------------------------------------------------------
+
+    def assemble(self, items: Sequence[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """All valid requests → the model's two input tensors, each built in one step."""
+        limits: TextClassifierLimits = self.limits
+        if limits.model_input == "bag":
+            return text.bag_batch(items)
+        length = limits.max_tokens if limits.padding == "max_tokens" else None
+        return text.pad_batch(items, self.tokenizer.pad_id, length)
+
+    def infer(self, batch: tuple[torch.Tensor, torch.Tensor]) -> Any:
+        with torch.inference_mode():
+            return self.model(*(self.to_device(t) for t in batch))
+
+    def format_outputs(self, outputs: Any, items: Sequence[list[int]]) -> list[Any]:
+        if not isinstance(outputs, torch.Tensor) or outputs.dim() != 2:
+            raise TypeError("text classifier model must return logits [batch, classes]")
+        limits: TextClassifierLimits = self.limits
+        return top_k(outputs, limits.top_k, limits.probability_digits, self.label_map)
+
+    def warm_up(self) -> None:
+        try:
+            super().warm_up()
+        except Exception as exc:
+            first = str(exc).strip().splitlines()[-1:] or [type(exc).__name__]
+            raise ConfigurationError(
+                f"warm-up with token id {self.tokenizer.max_id} (the vocabulary's highest) "
+                f"failed: {first[0][:200]}. Check that {self.limits.vocab_file} matches the "
+                "model's embedding size and that handler.model_input matches its forward()"
+            ) from exc
+
+    def warmup_items(self) -> list[list[int]]:
+        # The highest id in the vocabulary: an embedding too small for it fails at load time,
+        # not on the first request that uses the word.
+        return [[self.tokenizer.max_id], [self.tokenizer.max_id] * 2]
+
+
+def _parse_json(body: str) -> Any:
+    try:
+        return json.loads(body)
+    except (ValueError, RecursionError) as exc:
+        raise MalformedRequest("the body is declared as JSON but is not valid JSON") from exc
