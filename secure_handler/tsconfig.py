@@ -1,23 +1,55 @@
 """A hardened TorchServe `config.properties`, as data first and text second.
 
 `hardened_properties()` is the single source of the safe settings; the `secure-handler config`
-command, the tests and the examples all render their config through it.
+command, the tests and the examples all render their config through it, and `audit-config`
+checks any config against the same numbers (`frontend_request_limit`, `store_allowed_urls`).
 """
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import re
-from collections.abc import Mapping
+import zipfile
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-__all__ = ["ModelSpec", "Ports", "hardened_properties", "render_properties"]
+import yaml
+
+from .limits import BaseLimits
+from .properties import dumps
+
+__all__ = [
+    "DEFAULT_ALLOWED_URLS",
+    "FRONTEND_SLACK",
+    "SECRET_ENV_PATTERN",
+    "HandlerLimits",
+    "ModelSpec",
+    "Ports",
+    "Tls",
+    "frontend_request_limit",
+    "hardened_properties",
+    "is_loopback",
+    "read_mar_limits",
+    "render_properties",
+    "store_allowed_urls",
+]
 
 #: Environment variables whose names match are hidden from the Python workers.
 SECRET_ENV_PATTERN = (
     r".*(KEY|SECRET|TOKEN|PASSWORD|PASSWD|CREDENTIAL|AUTH).*|AWS_.*|AZURE_.*|GOOGLE_.*|GCP_.*"
 )
+
+#: TorchServe 0.12's `allowed_urls` when the key is absent: any file and any http(s) URL.
+DEFAULT_ALLOWED_URLS = "file://.*|http(s)?://.*"
+
+#: Room above the handler's byte limit for the HTTP envelope, so the handler (not Netty) is
+#: the one that refuses an oversized payload, with a typed JSON 413.
+FRONTEND_SLACK = 64 * 1024
+
+_MAX_CONFIG_MEMBER = 1024 * 1024  # a model-config.yaml larger than this is not a config
 
 
 @dataclass(frozen=True)
@@ -52,6 +84,106 @@ class ModelSpec:
         }
 
 
+@dataclass(frozen=True)
+class Tls:
+    """PEM files for an https inference address (needed for any non-loopback bind)."""
+
+    certificate_file: Path
+    private_key_file: Path
+
+
+@dataclass(frozen=True)
+class HandlerLimits:
+    """The handler settings the frontend config must agree with (from `handler:`)."""
+
+    max_request_bytes: int = BaseLimits.model_fields["max_request_bytes"].default
+    max_batch_size: int = BaseLimits.model_fields["max_batch_size"].default
+
+    @classmethod
+    def from_section(cls, section: Mapping[str, Any] | None) -> HandlerLimits:
+        """Read the two sizes from a `handler:` mapping; other keys are the handler's business.
+
+        Raises:
+            ValueError: a size that is not a positive integer.
+        """
+        values: dict[str, int] = {}
+        for key in ("max_request_bytes", "max_batch_size"):
+            value = (section or {}).get(key)
+            if value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"handler `{key}` must be a positive integer, got {value!r}")
+            values[key] = value
+        return cls(**values)
+
+    @staticmethod
+    def combined(limits: Iterable[HandlerLimits]) -> HandlerLimits:
+        """One frontend serves every model, so it must admit the largest of them."""
+        items = list(limits)
+        if not items:
+            return HandlerLimits()
+        return HandlerLimits(max(x.max_request_bytes for x in items),
+                             max(x.max_batch_size for x in items))
+
+
+def read_mar_limits(mar: str | Path) -> tuple[str, HandlerLimits]:
+    """Model name and handler limits of a MAR, read from its manifest and model-config.yaml.
+
+    Only JSON and YAML (`yaml.safe_load`) are read; no code in the archive runs.
+
+    Raises:
+        ValueError: the archive, its manifest or its config is malformed.
+    """
+    try:
+        with zipfile.ZipFile(mar) as archive:
+            manifest = json.loads(_member(archive, "MAR-INF/MANIFEST.json"))
+            model = manifest.get("model", {}) if isinstance(manifest, dict) else {}
+            name = str(model.get("modelName") or Path(mar).stem)
+            config_file = manifest.get("configFile") or model.get("configFile")
+            if not config_file:
+                return name, HandlerLimits()
+            config = yaml.safe_load(_member(archive, str(config_file)))
+    except (OSError, zipfile.BadZipFile, KeyError, ValueError, yaml.YAMLError) as exc:
+        raise ValueError(f"{mar}: cannot read the manifest or model config: {exc}") from exc
+    section = config.get("handler") if isinstance(config, dict) else None
+    if section is not None and not isinstance(section, dict):
+        raise ValueError(f"{mar}: model-config.yaml `handler:` is not a mapping")
+    return name, HandlerLimits.from_section(section)
+
+
+def _member(archive: zipfile.ZipFile, name: str) -> bytes:
+    info = archive.getinfo(name)
+    if info.file_size > _MAX_CONFIG_MEMBER:
+        raise ValueError(f"{name} is {info.file_size} bytes; refusing to read it")
+    return archive.read(info)
+
+
+def frontend_request_limit(max_request_bytes: int) -> int:
+    """`max_request_size` for a handler limit: the limit plus the envelope slack."""
+    return max_request_bytes + FRONTEND_SLACK
+
+
+def store_allowed_urls(model_store: str | Path) -> str:
+    """`allowed_urls`: archives directly inside the store, as file:// URLs, nothing else.
+
+    TorchServe compiles it case-insensitively and requires a full match; `[^/]+` keeps `..`
+    and subdirectories out, and no http(s) alternative is left (CVE-2023-43654).
+    """
+    store = Path(model_store).resolve()
+    return "file://" + re.escape(str(store)) + "/[^/]+\\.mar"
+
+
+def is_loopback(host: str) -> bool:
+    """True for `localhost` and loopback IP literals; any other name or address is public."""
+    host = host.strip().strip("[]")
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def hardened_properties(
     model_store: str | Path,
     ports: Ports = Ports(),
@@ -59,13 +191,28 @@ def hardened_properties(
     max_request_bytes: int = 10 * 1024 * 1024,
     job_queue_size: int = 100,
     metrics_mode: str = "prometheus",
+    *,
+    bind: str = "127.0.0.1",
+    tls: Tls | None = None,
+    token_expiration_min: int = 60,
+    response_timeout_s: int = 60,
 ) -> dict[str, str]:
-    """The safe settings as an ordered mapping of key → value."""
+    """The safe settings as an ordered mapping of key → value.
+
+    `bind` moves only the inference API off loopback, and only with `tls`; management and
+    metrics (which has no token check in TorchServe) always stay on 127.0.0.1.
+
+    Raises:
+        ValueError: a non-loopback `bind` without `tls`.
+    """
     store = Path(model_store).resolve()
+    if not is_loopback(bind) and tls is None:
+        raise ValueError(f"binding the inference API to {bind} needs TLS (a certificate and key)")
+    scheme = "https" if tls else "http"
     props = {
-        "inference_address": f"http://127.0.0.1:{ports.inference}",
-        "management_address": f"http://127.0.0.1:{ports.management}",
-        "metrics_address": f"http://127.0.0.1:{ports.metrics}",
+        "inference_address": f"{scheme}://{bind}:{ports.inference}",
+        "management_address": f"{scheme}://127.0.0.1:{ports.management}",
+        "metrics_address": f"{scheme}://127.0.0.1:{ports.metrics}",
         "grpc_inference_address": "127.0.0.1",
         "grpc_management_address": "127.0.0.1",
         "grpc_inference_port": str(ports.grpc_inference),
@@ -73,21 +220,26 @@ def hardened_properties(
         "initial_worker_port": str(ports.worker),
         "model_store": str(store),
         "disable_token_authorization": "false",
+        "token_expiration_min": str(token_expiration_min),
         "enable_model_api": "false",
         # Only archives from this store, as file:// URLs; no http(s) (CVE-2023-43654).
-        "allowed_urls": "file://" + re.escape(str(store)) + "/[^/]+\\.mar",
+        "allowed_urls": store_allowed_urls(store),
+        "use_env_allowed_urls": "false",
         "install_py_dep_per_model": "false",
         "enable_envvars_config": "false",
         "blacklist_env_vars": SECRET_ENV_PATTERN,
         # Frontend limit slightly above the handler's, so the handler's typed 413 answers.
-        "max_request_size": str(max_request_bytes + 64 * 1024),
-        "max_response_size": str(max_request_bytes + 64 * 1024),
+        "max_request_size": str(frontend_request_limit(max_request_bytes)),
+        "max_response_size": str(frontend_request_limit(max_request_bytes)),
         "job_queue_size": str(job_queue_size),
-        "default_response_timeout": "60",
+        "default_response_timeout": str(response_timeout_s),
         "limit_max_image_pixels": "true",
         "metrics_mode": metrics_mode,
         "disable_system_metrics": "false",
     }
+    if tls:
+        props["certificate_file"] = str(Path(tls.certificate_file).resolve())
+        props["private_key_file"] = str(Path(tls.private_key_file).resolve())
     if models:
         props["load_models"] = ",".join(f"{m.name}={m.mar}" for m in models)
         props["models"] = json.dumps(
@@ -96,13 +248,6 @@ def hardened_properties(
     return props
 
 
-def _escape(value: str) -> str:
-    # Java properties: backslash escapes backslashes; ':' '=' '#' '!' are safe in values.
-    return value.replace("\\", "\\\\").replace("\n", "\\n")
-
-
 def render_properties(props: Mapping[str, str], header: str = "") -> str:
-    """Serialise key → value with Java properties escaping."""
-    lines = [f"# {line}" for line in header.splitlines()]
-    lines += [f"{key}={_escape(value)}" for key, value in props.items()]
-    return "\n".join(lines) + "\n"
+    """Serialise key → value with Java properties escaping (ASCII only, `\\uXXXX` beyond)."""
+    return dumps(props, header)
