@@ -196,20 +196,24 @@ class _Visitor(ast.NodeVisitor):
     def _check_chain(self, node: ast.expr) -> None:
         # Only chains rooted at an imported name are module paths; `self.code` is not.
         qualified = self.names.qualify(node)
-        if not qualified or _root_name(node) not in self.names.aliases:
+        root = _root_name(node)
+        if not qualified or root is None or root not in self.names.aliases:
             return
         parts = qualified.split(".")
         if _process_name(qualified):
             self.hit("SH101", node, f"uses {qualified}, which runs OS commands")
         elif qualified in _REFLECTION_NAMES:
             self.hit("SH205", node, f"`{qualified}` gives access to any loaded module or frame")
+        elif (rule := _module_rule(qualified)) and not _module_rule(self.names.aliases[root]):
+            # `import torch` then `torch.hub.load`: the import alone was not a finding.
+            self.hit(rule[0], node, f"uses {qualified}: {rule[1]}")
         else:
             # A module reached as an attribute of another module (`torch.os`, `np.ctypes`)
             # bypasses import statements, so flag the attribute itself.
             for part in parts[1:]:
                 if part in _MODULE_LEAVES:
-                    rule, why = _MODULE_LEAVES[part]
-                    self.hit(rule, node, f"reaches {qualified}: {part} {why}")
+                    leaf_rule, why = _MODULE_LEAVES[part]
+                    self.hit(leaf_rule, node, f"reaches {qualified}: {part} {why}")
                     break
 
     # --- calls ------------------------------------------------------------------------------
