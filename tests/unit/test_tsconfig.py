@@ -1,0 +1,176 @@
+"""The hardened config, its rendering, MAR limits, and the `config` command."""
+
+from __future__ import annotations
+
+import json
+import re
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from secure_handler.audit import audit_file
+from secure_handler.cli import main
+from secure_handler.properties import load
+from secure_handler.tsconfig import (
+    FRONTEND_SLACK,
+    HandlerLimits,
+    ModelSpec,
+    Ports,
+    Tls,
+    hardened_properties,
+    is_loopback,
+    read_mar_limits,
+    render_properties,
+    store_allowed_urls,
+)
+
+
+def write_mar(path: Path, name: str, handler: dict[str, Any] | None = None,
+              version: str = "1.0") -> Path:
+    """A MAR's manifest and model-config.yaml (what config/audit read; nothing is run)."""
+    model: dict[str, Any] = {"modelName": name, "modelVersion": version,
+                             "serializedFile": "model.pt", "handler": "handler.py"}
+    if handler is not None:
+        model["configFile"] = "model-config.yaml"
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("MAR-INF/MANIFEST.json", json.dumps({"model": model}))
+        if handler is not None:
+            archive.writestr("model-config.yaml", yaml.safe_dump({"handler": handler}))
+    return path
+
+
+def test_hardened_properties_are_loopback_and_locked_down(tmp_path: Path) -> None:
+    props = hardened_properties(tmp_path, Ports(), (ModelSpec("m", "m.mar", batch_size=4),),
+                                max_request_bytes=1000)
+    for key in ("inference_address", "management_address", "metrics_address"):
+        assert props[key].startswith("http://127.0.0.1:")
+    assert props["grpc_inference_address"] == props["grpc_management_address"] == "127.0.0.1"
+    assert props["disable_token_authorization"] == "false"
+    assert props["enable_model_api"] == "false"
+    assert props["install_py_dep_per_model"] == props["enable_envvars_config"] == "false"
+    assert props["max_request_size"] == str(1000 + FRONTEND_SLACK)
+    assert json.loads(props["models"])["m"]["1.0"]["batchSize"] == 4
+    assert props["load_models"] == "m=m.mar"
+
+
+def test_allowed_urls_admit_only_archives_in_the_store(tmp_path: Path) -> None:
+    store = (tmp_path / "st-ore (1)").resolve()
+    pattern = re.compile(store_allowed_urls(store), re.IGNORECASE)  # as TorchServe compiles it
+    assert pattern.fullmatch(f"file://{store}/m.mar")
+    for url in (f"file://{store}/../m.mar", f"file://{store}/sub/m.mar", "file:///etc/passwd",
+                "http://example.com/m.mar", f"file://{store}x/m.mar"):
+        assert not pattern.fullmatch(url), url
+
+
+def test_public_bind_needs_tls(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="needs TLS"):
+        hardened_properties(tmp_path, bind="0.0.0.0")
+    props = hardened_properties(tmp_path, bind="0.0.0.0", tls=Tls(Path("c.pem"), Path("k.pem")))
+    assert props["inference_address"].startswith("https://0.0.0.0:")
+    assert props["management_address"].startswith("https://127.0.0.1:")
+    assert Path(props["certificate_file"]).is_absolute()
+
+
+@pytest.mark.parametrize(("host", "loopback"), [
+    ("127.0.0.1", True), ("127.8.9.1", True), ("localhost", True), ("::1", True),
+    ("[::1]", True), ("0.0.0.0", False), ("::", False), ("10.0.0.1", False),
+    ("example.com", False), ("", False),
+])
+def test_is_loopback(host: str, loopback: bool) -> None:
+    assert is_loopback(host) is loopback
+
+
+def test_render_round_trips_through_the_java_reader(tmp_path: Path) -> None:
+    store = tmp_path / "mødels"  # non-ASCII: Java reads the file as ISO-8859-1
+    store.mkdir()
+    props = hardened_properties(store)
+    path = tmp_path / "config.properties"
+    path.write_text(render_properties(props, "header\nlines"), "ascii")
+    assert load(path) == props
+
+
+def test_read_mar_limits(tmp_path: Path) -> None:
+    mar = write_mar(tmp_path / "a.mar", "alpha", {"max_request_bytes": 2048, "top_k": 3})
+    assert read_mar_limits(mar) == ("alpha", HandlerLimits(2048, HandlerLimits().max_batch_size))
+    assert read_mar_limits(write_mar(tmp_path / "b.mar", "beta")) == ("beta", HandlerLimits())
+    with pytest.raises(ValueError, match="positive integer"):
+        read_mar_limits(write_mar(tmp_path / "c.mar", "c", {"max_batch_size": -1}))
+    (tmp_path / "d.mar").write_bytes(b"not a zip")
+    with pytest.raises(ValueError, match="cannot read"):
+        read_mar_limits(tmp_path / "d.mar")
+
+
+def test_combined_limits_take_the_largest() -> None:
+    combined = HandlerLimits.combined([HandlerLimits(10, 2), HandlerLimits(5, 9)])
+    assert combined == HandlerLimits(10, 9)
+    assert HandlerLimits.combined([]) == HandlerLimits()
+
+
+# --- the `config` command -----------------------------------------------------------------
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Path:
+    path = tmp_path / "store"
+    path.mkdir()
+    path.chmod(0o755)
+    write_mar(path / "small.mar", "small", {"max_request_bytes": 100_000, "max_batch_size": 4})
+    write_mar(path / "big.mar", "big", {"max_request_bytes": 2_000_000}, version="2.1")
+    return path
+
+
+def test_config_command_writes_a_config_that_audits_clean(
+        store: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "config.properties"
+    assert main(["config", "--model-store", str(store), "--out", str(out), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["findings"] == []
+    command = report["command"]
+    assert "--ncs" in command
+    assert command[command.index("--ts-config") + 1] == str(out.resolve())
+    props = load(out)
+    assert props["max_request_size"] == str(2_000_000 + FRONTEND_SLACK)
+    models = json.loads(props["models"])
+    assert models["small"]["1.0"]["batchSize"] == 4  # capped at the handler's max_batch_size
+    assert models["big"]["2.1"]["batchSize"] == 8
+    assert not [f for f in audit_file(out, cmdline=command, environ={}, model_store=store)
+                if f.severity != "low"]
+
+
+def test_config_command_selected_models_and_human_output(
+        store: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "c.properties"
+    assert main(["config", "--model-store", str(store), "--model", "tiny=small.mar",
+                 "--out", str(out), "--free-ports", "--handler-limits",
+                 "max_request_bytes=5000"]) == 0
+    text = capsys.readouterr().out
+    assert "torchserve --start --ncs --ts-config" in text
+    props = load(out)
+    assert props["load_models"] == "tiny=small.mar"
+    assert props["max_request_size"] == str(5000 + FRONTEND_SLACK)
+    assert props["inference_address"] != "http://127.0.0.1:8080"
+
+
+def test_config_command_refuses_bad_input(store: Path, tmp_path: Path,
+                                          capsys: pytest.CaptureFixture[str]) -> None:
+    out = str(tmp_path / "c.properties")
+    assert main(["config", "--model-store", str(store), "--model", "x=../x.mar",
+                 "--out", out]) == 2
+    assert main(["config", "--model-store", str(store), "--model", "x=missing.mar",
+                 "--out", out]) == 2
+    assert main(["config", "--model-store", str(store), "--bind", "0.0.0.0", "--out", out]) == 2
+    assert main(["config", "--model-store", str(tmp_path / "nope"), "--out", out]) == 2
+    err = capsys.readouterr().err
+    for message in ("expected NAME=FILE.mar", "no such archive", "--tls-cert", "not a directory"):
+        assert message in err
+    assert not Path(out).exists()
+
+
+def test_config_command_public_bind_with_tls(store: Path, tmp_path: Path) -> None:
+    out = tmp_path / "c.properties"
+    assert main(["config", "--model-store", str(store), "--bind", "0.0.0.0",
+                 "--tls-cert", "c.pem", "--tls-key", "k.pem", "--out", str(out)]) == 0
+    assert load(out)["inference_address"].startswith("https://0.0.0.0:")
