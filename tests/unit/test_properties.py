@@ -183,7 +183,7 @@ def test_launcher_reads_the_file_differently() -> None:
     assert "k" not in launcher_view(doc)
 
 
-_text = st.text(st.characters(blacklist_categories=("Cs",)), max_size=40)
+_text = st.text(st.characters(exclude_categories=["Cs"]), max_size=40)
 
 
 @given(st.dictionaries(_text, _text, max_size=8))
