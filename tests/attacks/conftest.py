@@ -15,8 +15,9 @@ from typing import Any
 import pytest
 from attacks.harness import MANIFEST, Target
 from support import LABELS, build_tiny_classifier
+from support_models import build_text_model, write_text_files
 
-from secure_handler import SecureImageClassifier
+from secure_handler import SecureImageClassifier, SecureTextClassifier
 from secure_handler.testing import make_context
 
 
@@ -50,6 +51,34 @@ def classifier(model_dir: Path) -> Iterator[Callable[..., Target]]:
         if key not in cache:
             ctx = quiet_context(model_dir, MANIFEST, {"handler": config}, batch_size=batch_size)
             handler = SecureImageClassifier()
+            handler.initialize(ctx)
+            cache[key] = Target(handler, ctx)
+        return cache[key]
+
+    yield build
+    cache.clear()
+
+
+@pytest.fixture(scope="session")
+def text_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The keyword text model (ids + mask), its JSON vocabulary and labels."""
+    directory = tmp_path_factory.mktemp("text-model")
+    build_text_model(directory, "ids_mask")
+    write_text_files(directory)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def text_classifier(text_model_dir: Path) -> Iterator[Callable[..., Target]]:
+    """`text_classifier(**handler_config)` → a ready `Target` running SecureTextClassifier."""
+    cache: dict[str, Target] = {}
+
+    def build(batch_size: int = 8, **config: Any) -> Target:
+        key = json.dumps([batch_size, config], sort_keys=True)
+        if key not in cache:
+            ctx = quiet_context(text_model_dir, MANIFEST, {"handler": config},
+                                batch_size=batch_size)
+            handler = SecureTextClassifier()
             handler.initialize(ctx)
             cache[key] = Target(handler, ctx)
         return cache[key]

@@ -1,6 +1,6 @@
 """The attack suite's harness: the real handler on TorchServe's real `Context`.
 
-`Target.send(*requests)` runs one batch through `SecureImageClassifier.handle` exactly as a
+`Target.send(*requests)` runs one batch through a secure handler's `handle` exactly as a
 worker would and returns `[(status, parsed body)]`.
 """
 
@@ -10,7 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from secure_handler import SecureImageClassifier
+from secure_handler import SecureBaseHandler
 from secure_handler.testing import Request, run_batch
 
 MANIFEST = {"model": {"modelName": "tiny", "serializedFile": "model.pt",
@@ -21,7 +21,7 @@ MANIFEST = {"model": {"modelName": "tiny", "serializedFile": "model.pt",
 class Target:
     """One initialised handler and the real `Context` it was initialised with."""
 
-    handler: SecureImageClassifier
+    handler: SecureBaseHandler
     context: Any
 
     def send(self, *requests: Request) -> list[tuple[int, Any]]:
