@@ -1,0 +1,255 @@
+"""The gateway's cost: the same load straight to TorchServe and through `secure-handler gateway`.
+
+    /tmp/venv/bin/python benchmarks/bench_gateway.py [--quick] [--rounds N] [--redis] [--json F]
+
+Bounded and loopback only: every server binds 127.0.0.1, each ApacheBench run has a fixed
+request count AND a time limit, and every process is stopped at the end.
+
+Setup: the tiny TorchScript model (benchmarks/models.py: inference is free, so the numbers
+are the serving path's own cost and the gateway's share is as large as it can get) behind the
+library's `SecureImageClassifier`, one worker, batchSize 8, maxBatchDelay 5 ms, the hardened
+config.properties. One 500x375 JPEG (corpus.py) POSTed by ApacheBench (`ab -k`, concurrency 16)
+with a Bearer token: TorchServe's inference token directly, a gateway key through the gateway.
+The gateway is one uvicorn process with the in-memory limiter (`--redis`: a real redis-server
+on loopback and the Lua limiter), a rate limit far above the load, and the audit log on.
+
+Runs alternate direct / gateway for `--rounds` rounds; the median round is reported.
+Printed: req/s, p50 and p99 (ms, from ab's percentiles) for each path, and the overhead ratio
+= gateway req/s / direct req/s (1.0 = free), plus the added p50/p99 latency.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(1, str(HERE.parent))
+
+from bench_e2e import (  # noqa: E402
+    BATCH,
+    CONCURRENCY,
+    MAX_BATCH_DELAY_MS,
+    OUR_HANDLER,
+    AbResult,
+    Load,
+    archive,
+    build_models,
+    check_prediction,
+    labels_file,
+    run_ab,
+)
+from corpus import KINDS, make_image  # noqa: E402
+
+from secure_handler.gateway.keys import generate_key, hash_key  # noqa: E402
+from secure_handler.server import TorchServe, free_port  # noqa: E402
+from secure_handler.tsconfig import ModelSpec, Ports, hardened_properties, render_properties  # noqa: E402
+
+LOAD = Load(3000, 60)
+QUICK_LOAD = Load(600, 30)
+
+
+@contextmanager
+def torchserve(workdir: Path, store: Path, mar: str) -> Iterator[tuple[str, str, str]]:
+    """TorchServe with `tiny` READY; yields (inference URL, management URL, inference token)."""
+    ports = Ports(*(free_port() for _ in range(6)))
+    spec = ModelSpec("tiny", mar, workers=1, batch_size=BATCH,
+                     max_batch_delay_ms=MAX_BATCH_DELAY_MS)
+    workdir.mkdir(parents=True, exist_ok=True)
+    config = workdir / "config.properties"
+    config.write_text(render_properties(hardened_properties(store, ports, (spec,))), "utf-8")
+    with TorchServe(config, store, workdir) as server:
+        mgmt = f"http://127.0.0.1:{ports.management}"
+        server.wait_ready(mgmt, "tiny", timeout=300)
+        yield f"http://127.0.0.1:{ports.inference}", mgmt, server.keys()["inference"]
+
+
+@contextmanager
+def redis_server(workdir: Path) -> Iterator[str]:
+    """A throwaway redis-server on loopback (scripts/redis.sh installs it if missing)."""
+    exe = shutil.which("redis-server")
+    if exe is None:
+        subprocess.run(["bash", str(HERE.parent / "scripts" / "redis.sh"), "install"], check=True)
+        exe = shutil.which("redis-server") or "redis-server"
+    port = free_port()
+    proc = subprocess.Popen(
+        [exe, "--bind", "127.0.0.1", "--port", str(port), "--save", "", "--appendonly", "no",
+         "--dir", str(workdir)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        time.sleep(0.3)
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def gateway_config(workdir: Path, store: Path, upstream: tuple[str, str], key_file: Path,
+                   key: str, redis_url: str | None) -> Path:
+    config: dict[str, Any] = {
+        "listen_host": "127.0.0.1",
+        "upstream": {"inference_url": upstream[0], "management_url": upstream[1],
+                     "key_file": str(key_file)},
+        "model_store": str(store),
+        "models": {"tiny": {"content_types": ["image/jpeg"]}},
+        "keys": [{"name": "bench", "sha256": hash_key(key), "scopes": ["inference"],
+                  "models": ["tiny"], "rate": {"per_second": 1_000_000, "burst": 1_000_000}}],
+        "audit_log": str(workdir / "audit.jsonl"),
+        "max_concurrency": 1024,
+    }
+    if redis_url:
+        config["rate_limit_backend"] = "redis"
+        config["redis"] = {"url": redis_url}
+    path = workdir / "gateway.yaml"
+    path.write_text(yaml.safe_dump(config), "utf-8")
+    return path
+
+
+@contextmanager
+def gateway(config: Path, workdir: Path) -> Iterator[str]:
+    """`secure-handler gateway` as its own process; SIGTERM at the end."""
+    port = free_port()
+    env = {**os.environ, "PYTHONPATH": str(HERE.parent)}
+    with open(workdir / "gateway.log", "wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "secure_handler.cli", "gateway", "--config", str(config),
+             "--port", str(port), "--log-level", "WARNING"],
+            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        _wait_healthy(url, proc)
+        yield url
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+
+
+def _wait_healthy(url: str, proc: subprocess.Popen[bytes]) -> None:
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"gateway exited with {proc.returncode}")
+        try:
+            with urllib.request.urlopen(url + "/healthz", timeout=2):  # loopback only
+                return
+        except (urllib.error.URLError, OSError):
+            time.sleep(0.2)
+    raise RuntimeError("gateway not healthy after 120 s")
+
+
+def _median(results: Sequence[AbResult]) -> AbResult:
+    ranked = sorted(results, key=lambda r: r.requests_per_s)
+    return ranked[len(ranked) // 2]
+
+
+def measure(rounds: int, load: Load, use_redis: bool, tmp: Path) -> dict[str, Any]:
+    src, store = tmp / "src", tmp / "store"
+    store.mkdir(parents=True, exist_ok=True)
+    model = build_models(src, ["tiny"])["tiny"]
+    handler = src / "handler.py"
+    handler.write_text(OUR_HANDLER, "utf-8")
+    mar = archive(Path(sys.executable).with_name("torch-model-archiver"), store, "tiny", model,
+                  str(handler), labels_file(src, 10))
+    image = tmp / "image.jpg"
+    image.write_bytes(make_image(KINDS[0], 0))  # jpeg_500x375
+    key = generate_key()
+    runs: dict[str, list[AbResult]] = {"direct": [], "gateway": []}
+    with torchserve(tmp / "ts", store, mar) as (inference, management, token), \
+            (redis_server(tmp) if use_redis else _nothing()) as redis_url:
+        cfg = gateway_config(tmp, store, (inference, management), tmp / "ts" / "key_file.json",
+                             key, redis_url)
+        with gateway(cfg, tmp) as gw:
+            targets = {"direct": (f"{inference}/predictions/tiny", token),
+                       "gateway": (f"{gw}/predictions/tiny", key)}
+            for name, (url, bearer) in targets.items():
+                print(f"  {name}: {check_prediction(url, bearer, image.read_bytes())}")
+                run_ab(url, bearer, image, Load(min(300, load.requests), 30), tmp)  # warm-up
+            for round_no in range(rounds):
+                order = ("direct", "gateway") if round_no % 2 == 0 else ("gateway", "direct")
+                for name in order:
+                    url, bearer = targets[name]
+                    result = run_ab(url, bearer, image, load, tmp)
+                    runs[name].append(result)
+                    print(f"  round {round_no + 1} {name:8s} {result.requests_per_s:8.1f} req/s"
+                          f"  p50 {result.p50_ms:5.0f} ms  p99 {result.p99_ms:5.0f} ms"
+                          f"  failed {result.failed}  non-2xx {result.non_2xx}", flush=True)
+    return summarise(runs, load, use_redis)
+
+
+@contextmanager
+def _nothing() -> Iterator[None]:
+    yield None
+
+
+def summarise(runs: dict[str, list[AbResult]], load: Load, use_redis: bool) -> dict[str, Any]:
+    direct, through = _median(runs["direct"]), _median(runs["gateway"])
+    return {
+        "load": {"requests": load.requests, "time_limit_s": load.time_limit_s,
+                 "concurrency": CONCURRENCY, "rounds": len(runs["direct"])},
+        "limiter": "redis" if use_redis else "memory",
+        "direct": direct.to_json(),
+        "gateway": through.to_json(),
+        "throughput_ratio": round(through.requests_per_s / direct.requests_per_s, 3),
+        "added_p50_ms": round(through.p50_ms - direct.p50_ms, 1),
+        "added_p99_ms": round(through.p99_ms - direct.p99_ms, 1),
+        "all_rounds": {k: [r.requests_per_s for r in v] for k, v in runs.items()},
+        "cpus": os.cpu_count(),
+    }
+
+
+def report(summary: dict[str, Any]) -> str:
+    d, g = summary["direct"], summary["gateway"]
+    rows = [
+        "| path | req/s | p50 ms | p99 ms | failed | non-2xx |",
+        "|---|---|---|---|---|---|",
+        f"| TorchServe directly | {d['requests_per_s']:.1f} | {d['p50_ms']:.0f} | "
+        f"{d['p99_ms']:.0f} | {d['failed']} | {d['non_2xx']} |",
+        f"| through the gateway ({summary['limiter']} limiter) | {g['requests_per_s']:.1f} | "
+        f"{g['p50_ms']:.0f} | {g['p99_ms']:.0f} | {g['failed']} | {g['non_2xx']} |",
+    ]
+    return "\n".join(rows) + (
+        f"\n\noverhead ratio (gateway req/s / direct req/s): {summary['throughput_ratio']:.3f}"
+        f"; added latency p50 {summary['added_p50_ms']:+.1f} ms, "
+        f"p99 {summary['added_p99_ms']:+.1f} ms"
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help=f"{QUICK_LOAD.requests} requests")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--redis", action="store_true", help="Redis limiter (real redis-server)")
+    parser.add_argument("--json", type=Path, help="also write the summary here")
+    args = parser.parse_args(argv)
+    load = QUICK_LOAD if args.quick else LOAD
+    with tempfile.TemporaryDirectory(prefix="bench-gateway-") as tmp:
+        summary = measure(max(1, args.rounds), load, args.redis, Path(tmp))
+    print()
+    print(report(summary))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(summary, indent=2), "utf-8")
+    return 0 if summary["gateway"]["failed"] == 0 and summary["gateway"]["non_2xx"] == 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
