@@ -202,21 +202,23 @@ def test_key_rate_limit_429_retry_after_then_recovery(
     make_config: MakeConfig, torchserve: Upstream,
 ) -> None:
     ks = KeySet()
-    key = ks.add("slow", ["inference"], ["tiny"], RateLimit(per_second=2, burst=2))
+    # One token per 4 s: no refill can sneak in between the first three requests, however
+    # slow the machine; those are refused before TorchServe (415), which still costs a token.
+    key = ks.add("slow", ["inference"], ["tiny"], RateLimit(per_second=0.25, burst=2))
     config = make_config(ks)
     with serve_gateway(config) as url:
-        def send() -> httpx.Response:
-            return httpx.post(url + "/predictions/tiny", content=image_bytes("red"),
-                              headers={**bearer(key), **JPEG}, timeout=30)
+        def send(content_type: str) -> httpx.Response:
+            return httpx.post(url + "/predictions/tiny", content=image_bytes("red"), timeout=30,
+                              headers={**bearer(key), "Content-Type": content_type})
 
-        statuses = [send() for _ in range(3)]
-        assert [r.status_code for r in statuses] == [200, 200, 429]
+        statuses = [send("text/plain") for _ in range(3)]
+        assert [r.status_code for r in statuses] == [415, 415, 429]
         limited = statuses[-1]
         assert limited.json()["error"]["code"] == "rate_limited"
         retry_after = int(limited.headers["retry-after"])
-        assert retry_after >= 1
+        assert 1 <= retry_after <= 4
         time.sleep(retry_after)
-        assert send().status_code == 200
+        assert send("image/jpeg").status_code == 200
     [line] = [a for a in audit_lines(config) if a["status"] == 429]
     assert line["key"] == "slow"
     assert line["code"] == "rate_limited"
@@ -304,7 +306,13 @@ def test_register_refuses_ssrf_and_path_tricks(
     denials = [a for a in audit_lines(config) if a["action"] == "management.register"]
     assert len(denials) == len(SSRF_QUERIES)
     assert all(a["outcome"] == "denied" for a in denials)
-    time.sleep(0.5)  # give TorchServe's async access log a moment; nothing may appear
+    # A describe afterwards reaches TorchServe's access log; the refused registers never did.
+    described = torchserve.requests_matching('"GET /models/tiny ')
+    assert httpx.get(url + "/models/tiny", headers=ops).status_code == 200
+    deadline = time.monotonic() + 10
+    while torchserve.requests_matching('"GET /models/tiny ') == described:
+        assert time.monotonic() < deadline, "TorchServe's access log did not show the describe"
+        time.sleep(0.05)
     assert torchserve.requests_matching('"POST /models') == before
 
 
