@@ -20,6 +20,7 @@ import pytest
 import torch
 from support import (
     LABELS,
+    ServerInfo,
     build_tiny_classifier,
     image_bytes,
     post,
@@ -90,7 +91,7 @@ def test_clean_archive_is_served_under_its_pin(pinned: Pinned, tmp_path: Path) -
     assert body["predictions"][0]["label"] == "red"
 
 
-def _worker_states(server, timeout: float) -> list[str]:
+def _worker_states(server: ServerInfo, timeout: float) -> list[str]:
     """Worker statuses after `timeout` seconds of letting the frontend retry."""
     deadline = time.monotonic() + timeout
     states: list[str] = []
@@ -108,7 +109,7 @@ def _worker_states(server, timeout: float) -> list[str]:
     return states
 
 
-def _prediction_status(server) -> int | None:
+def _prediction_status(server: ServerInfo) -> int | None:
     """The status of one prediction, or None when it is still queued (no worker took it)."""
     url = f"{server.inference_url}/predictions/tiny"
     try:
@@ -117,7 +118,7 @@ def _prediction_status(server) -> int | None:
         )
     except OSError:
         return None
-    return status
+    return int(status)
 
 
 def test_worker_with_a_wrong_pin_refuses_to_load(pinned: Pinned, tmp_path: Path) -> None:
