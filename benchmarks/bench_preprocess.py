@@ -89,25 +89,34 @@ def measure_floor(sets: Mapping[str, Sequence[bytes]], batch: int, repeats: int)
 # --- (b) stock, in its own venv ---------------------------------------------------------------
 
 
-def measure_stock(
-    sets: Mapping[str, Sequence[bytes]], batch: int, repeats: int, venv: Path,
-    torch_threads: int | None = None,
-) -> tuple[dict[str, Rate], dict[str, Any]] | str:
-    """Rates from the stock venv, or a note saying why stock was skipped."""
+def write_files(tmp: Path, sets: Mapping[str, Sequence[bytes]]) -> dict[str, list[str]]:
+    """Each distinct image once as a file; returns the sets as lists of paths."""
+    files: dict[bytes, str] = {}
+    for imgs in sets.values():
+        for data in imgs:
+            if data not in files:
+                path = tmp / f"img{len(files)}"
+                path.write_bytes(data)
+                files[data] = str(path)
+    return {name: [files[d] for d in imgs] for name, imgs in sets.items()}
+
+
+StockResult = tuple[dict[str, Rate], dict[str, Any]] | str
+
+
+def run_stock_job(venv: Path, job: Mapping[str, Any], sets: Mapping[str, Sequence[bytes]],
+                  batch_of: Callable[[str], int]) -> StockResult:
+    """Run _stock_preprocess.py in the stock venv: rates and versions, or why it was skipped.
+
+    Each set becomes one run named like the set, in batches of `batch_of(name)`.
+    """
     python = venv / "bin" / "python"
     if not python.exists():
         return f"stock skipped: no venv at {venv} (build it: bash benchmarks/stock_venv.sh)"
     with tempfile.TemporaryDirectory(prefix="bench-stock-") as tmp:
-        files: dict[bytes, str] = {}
-        for imgs in sets.values():
-            for data in imgs:
-                if data not in files:
-                    path = Path(tmp, f"img{len(files)}")
-                    path.write_bytes(data)
-                    files[data] = str(path)
-        job = {"batch": batch, "repeats": repeats, "warmup": 1, "torch_threads": torch_threads,
-               "sets": {name: [files[d] for d in imgs] for name, imgs in sets.items()}}
-        Path(tmp, "job.json").write_text(json.dumps(job), "utf-8")
+        runs = [{"name": name, "batch": batch_of(name), "paths": paths}
+                for name, paths in write_files(Path(tmp), sets).items()]
+        Path(tmp, "job.json").write_text(json.dumps({**job, "runs": runs}), "utf-8")
         proc = subprocess.run(
             [str(python), str(HERE / "_stock_preprocess.py"), str(Path(tmp, "job.json"))],
             capture_output=True, text=True, timeout=1800, check=False,
@@ -115,8 +124,14 @@ def measure_stock(
     if proc.returncode != 0:
         return f"stock failed (exit {proc.returncode}): {proc.stderr.strip()[-1500:]}"
     out = json.loads(proc.stdout.strip().splitlines()[-1])
-    rates = {name: Rate(**r) for name, r in out["rates"].items()}
-    return rates, out["versions"]
+    return {name: Rate(**r) for name, r in out["rates"].items()}, out["versions"]
+
+
+def measure_stock(sets: Mapping[str, Sequence[bytes]], batch: int, repeats: int, venv: Path,
+                  torch_threads: int | None = None) -> StockResult:
+    """Stock `ImageClassifier.preprocess` rates per set, in batches of `batch`."""
+    job = {"mode": "preprocess", "repeats": repeats, "warmup": 1, "torch_threads": torch_threads}
+    return run_stock_job(venv, job, sets, lambda _: batch)
 
 
 # --- (c) ours ---------------------------------------------------------------------------------
