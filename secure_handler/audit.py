@@ -360,6 +360,24 @@ def _tls_material(ctx: AuditContext) -> Iterator[ConfigFinding]:
 
 
 @_rule
+def _key_permissions(ctx: AuditContext) -> Iterator[ConfigFinding]:
+    for key in ("private_key_file", "keystore"):
+        value = ctx.get(key)
+        if not value:
+            continue
+        try:
+            mode = Path(value).stat().st_mode
+        except OSError:
+            yield _f("medium", key, f"{value} does not exist or cannot be read; TorchServe "
+                     "will not start with TLS.", "Point it at the real file.", ctx=ctx)
+            continue
+        if mode & (stat.S_IRGRP | stat.S_IROTH | stat.S_IWGRP | stat.S_IWOTH):
+            yield _f("medium", key, f"{value} is readable or writable by other users: the TLS "
+                     "private key can be copied or replaced.", f"chmod 600 {value}",
+                     cwe=["CWE-732"], ctx=ctx)
+
+
+@_rule
 def _grpc(ctx: AuditContext) -> Iterator[ConfigFinding]:
     for api in ("inference", "management"):
         key = f"grpc_{api}_address"

@@ -209,6 +209,9 @@ def build_config(args: argparse.Namespace, models: Sequence[_StoreModel]) -> dic
     if args.tls_cert or args.tls_key:
         if not (args.tls_cert and args.tls_key):
             raise UsageError("--tls-cert and --tls-key go together")
+        for path in (args.tls_cert, args.tls_key):
+            if not path.is_file():
+                raise UsageError(f"{path}: no such file")
         tls = Tls(args.tls_cert, args.tls_key)
     return hardened_properties(
         args.model_store, _ports(args.free_ports), specs, limits.max_request_bytes,

@@ -57,11 +57,11 @@ ROWS = [
     Row("inference_hostname", [("inference_address", "high")],
         set={"inference_address": "http://api.example.com:8080"}),
     Row("management_public_tls", [("management_address", "medium")],
-        set={"management_address": "https://0.0.0.0:8081", "certificate_file": "/c.pem",
-             "private_key_file": "/k.pem"}),
+        set={"management_address": "https://0.0.0.0:8081", "certificate_file": "{tmp}/c.pem",
+             "private_key_file": "{tmp}/k.pem"}),
     Row("inference_public_tls", [("inference_address", "low")],
-        set={"inference_address": "https://0.0.0.0:8443", "certificate_file": "/c.pem",
-             "private_key_file": "/k.pem"}),
+        set={"inference_address": "https://0.0.0.0:8443", "certificate_file": "{tmp}/c.pem",
+             "private_key_file": "{tmp}/k.pem"}),
     Row("metrics_public", [("metrics_address", "medium")],
         set={"metrics_address": "http://0.0.0.0:8082"}),
     Row("grpc_inference_wildcard", [("grpc_inference_address", "high")],
@@ -74,8 +74,11 @@ ROWS = [
         set={"inference_address": "http://[::]:8080"}),
     Row("https_self_signed", [("inference_address", "medium")],
         set={"inference_address": "https://127.0.0.1:8443"}),
+    Row("private_key_missing", [("private_key_file", "medium")],
+        set={"inference_address": "https://127.0.0.1:8443", "certificate_file": "{tmp}/c.pem",
+             "private_key_file": "{tmp}/absent.pem"}),
     Row("keystore_default_password", [("keystore_pass", "medium")],
-        set={"keystore": "/etc/ts.p12"}),
+        set={"keystore": "{tmp}/ts.p12"}),
     # Authorization and model management
     Row("token_auth_disabled", [("disable_token_authorization", "high")],
         set={"disable_token_authorization": "true"}),
@@ -196,7 +199,11 @@ def _audit_row(row: Row, store: Path, tmp_path: Path) -> list[tuple[str, str]]:
     props = _hardened(store)
     for key in row.drop:
         del props[key]
-    props.update({k: v.replace("{store}", str(store)) for k, v in row.set.items()})
+    for name in ("c.pem", "k.pem", "ts.p12"):  # TLS material, private as it should be
+        (tmp_path / name).write_text("-----")
+        (tmp_path / name).chmod(0o600)
+    props.update({k: v.replace("{store}", str(store)).replace("{tmp}", str(tmp_path))
+                  for k, v in row.set.items()})
     config = tmp_path / "config.properties"
     config.write_text(render_properties(props) + row.raw, "latin-1")
     cmdline = row.cmdline.format(config=config, store=store) if row.cmdline else None

@@ -170,7 +170,30 @@ def test_config_command_refuses_bad_input(store: Path, tmp_path: Path,
 
 
 def test_config_command_public_bind_with_tls(store: Path, tmp_path: Path) -> None:
+    cert, key = tmp_path / "c.pem", tmp_path / "k.pem"
+    cert.write_text("cert")
+    key.write_text("key")
+    key.chmod(0o600)
     out = tmp_path / "c.properties"
-    assert main(["config", "--model-store", str(store), "--bind", "0.0.0.0",
-                 "--tls-cert", "c.pem", "--tls-key", "k.pem", "--out", str(out)]) == 0
+    args = ["config", "--model-store", str(store), "--bind", "0.0.0.0",
+            "--tls-cert", str(cert), "--tls-key", str(key), "--out", str(out)]
+    assert main(args) == 0
     assert load(out)["inference_address"].startswith("https://0.0.0.0:")
+    found = {(f.key, f.severity) for f in audit_file(out, environ={}, model_store=store)}
+    assert found == {("inference_address", "low")}  # public, so: put a gateway in front
+    key.chmod(0o644)
+    found = {(f.key, f.severity) for f in audit_file(out, environ={}, model_store=store)}
+    assert ("private_key_file", "medium") in found
+
+
+def test_config_command_reads_handler_limits_from_a_file(store: Path, tmp_path: Path) -> None:
+    limits = tmp_path / "model-config.yaml"
+    limits.write_text(yaml.safe_dump({"handler": {"max_request_bytes": 7000,
+                                                  "max_batch_size": 2}}))
+    out = tmp_path / "c.properties"
+    assert main(["config", "--model-store", str(store), "--handler-limits", str(limits),
+                 "--out", str(out)]) == 0
+    props = load(out)
+    assert props["max_request_size"] == str(7000 + FRONTEND_SLACK)
+    assert {v["batchSize"] for m in json.loads(props["models"]).values()
+            for v in m.values()} == {2}
