@@ -70,6 +70,7 @@ class Gateway:
         self.limiter = limiter or build_limiter(config)
         self.upstream = Upstream(config.upstream)
         self.audit = AuditLog(config.audit_log)
+        self._ready: tuple[float, bool] | None = None
 
     async def aclose(self) -> None:
         await self.upstream.aclose()
@@ -267,13 +268,20 @@ class Gateway:
         return JSONResponse({"status": "ok"})
 
     async def readyz(self, request: Request) -> Response:
-        """Readiness: TorchServe answers its own `/ping`."""
+        """Readiness: TorchServe answers its own `/ping` (cached a second: no key needed here,
+        so this must not become a way to flood TorchServe)."""
+        now = time.monotonic()
+        if self._ready is None or now - self._ready[0] > 1.0:
+            self._ready = (now, await self._ping())
+        ok = self._ready[1]
+        return JSONResponse({"status": "ready" if ok else "not_ready"}, 200 if ok else 503)
+
+    async def _ping(self) -> bool:
         try:
             resp = await self.upstream.request("inference", "GET", "/ping")
-        except GatewayError as exc:
-            return JSONResponse(error_body(exc.code, exc.message), 503)
-        ok = resp.status == 200
-        return JSONResponse({"status": "ready" if ok else "not_ready"}, 200 if ok else 503)
+        except GatewayError:
+            return False
+        return resp.status == 200
 
 
 async def _collect(request: Request, limit: int) -> bytes:

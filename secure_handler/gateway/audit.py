@@ -1,8 +1,9 @@
 """The append-only audit log: one JSON object per line, for every management call and denial.
 
 Each line is written with a single `write(2)` on a descriptor opened `O_APPEND`, so lines from
-several gateway processes sharing one file never interleave or overwrite each other. The key
-itself never reaches this file: only the key's configured name.
+several gateway processes sharing one file never interleave or overwrite each other. When the
+file is renamed away (logrotate), the next write opens a new one at the configured path. The
+key itself never reaches this file: only the key's configured name.
 """
 
 from __future__ import annotations
@@ -45,8 +46,20 @@ class AuditLog:
     def __init__(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
-        self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
         self._lock = threading.Lock()
+        self._fd = self._open()
+
+    def _open(self) -> int:
+        return os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+
+    def _reopen_if_rotated(self) -> None:
+        try:
+            same = os.path.samestat(os.stat(self.path), os.fstat(self._fd))
+        except OSError:
+            same = False
+        if not same:
+            os.close(self._fd)
+            self._fd = self._open()
 
     def write(self, record: AuditRecord) -> None:
         """Append one line; `time` is UTC with milliseconds."""
@@ -57,6 +70,7 @@ class AuditLog:
         line = json.dumps({"time": now, **data}, separators=(",", ":"), ensure_ascii=True)
         with self._lock:
             if self._fd >= 0:
+                self._reopen_if_rotated()
                 os.write(self._fd, (line + "\n").encode("ascii"))
 
     def close(self) -> None:

@@ -14,6 +14,7 @@ import argparse
 import ipaddress
 import json
 import logging
+import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -141,13 +142,27 @@ def _run(args: argparse.Namespace) -> int:
     _warn_if_exposed(config)
     server = uvicorn.Server(uvicorn.Config(
         create_app(config), host=config.listen_host, port=config.listen_port, lifespan="on",
-        access_log=False, log_config=None, proxy_headers=False, server_header=False,
+        access_log=False, log_config=None, server_header=False,
+        proxy_headers=bool(config.forwarded_allow_ips),
+        forwarded_allow_ips=list(config.forwarded_allow_ips) or None,
         timeout_graceful_shutdown=config.shutdown_grace_s, timeout_keep_alive=5,
         limit_concurrency=config.max_concurrency,
         ssl_certfile=config.tls_certfile, ssl_keyfile=config.tls_keyfile,
     ))
+    _exit_cleanly_on_stop_signals()
     server.run()  # SIGTERM/SIGINT: stop accepting, finish in-flight requests, then lifespan end
     return EXIT_OK
+
+
+def _stop(signum: int, frame: object) -> None:
+    raise SystemExit(EXIT_OK)
+
+
+def _exit_cleanly_on_stop_signals() -> None:
+    # uvicorn handles SIGTERM/SIGINT itself while serving, then restores the previous handlers
+    # and raises the signal again; with these handlers a graceful stop exits 0, not -15.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, _stop)
 
 
 def _warn_if_exposed(config: GatewayConfig) -> None:

@@ -152,6 +152,9 @@ class GatewayConfig(_Strict):
     #: Serve HTTPS; without it keys cross the network in clear text (fine on loopback only).
     tls_certfile: Path | None = None
     tls_keyfile: Path | None = None
+    #: Proxies whose X-Forwarded-For is believed (the client address of limits and audit).
+    #: Empty: the TCP peer is the client, and forwarded headers are ignored.
+    forwarded_allow_ips: tuple[str, ...] = ()
     upstream: UpstreamConfig
     #: The directory TorchServe loads archives from; register resolves names inside it only.
     model_store: Path

@@ -59,6 +59,10 @@ class _Token:
 class TokenSource:
     """The current TorchServe token of each kind, refreshed before it expires."""
 
+    #: At most one rotation per kind this often, whatever the margin says: a margin longer
+    #: than TorchServe's token life must not turn into a rotation per request.
+    MIN_ROTATION_INTERVAL_S = 5.0
+
     def __init__(self, config: UpstreamConfig, client: httpx.AsyncClient) -> None:
         self._path = config.key_file
         self._margin = config.token_refresh_margin_s
@@ -66,27 +70,36 @@ class TokenSource:
         self._client = client
         self._tokens: dict[str, _Token] = {}
         self._mtime: float | None = None
+        self._rotated_at: dict[str, float] = {}
         self._lock = asyncio.Lock()
 
     async def token(self, kind: TokenKind) -> str | None:
         """The token to send, or None when TorchServe runs without token auth."""
         if self._path is None:
             return None
-        current = self._tokens.get(kind)
-        if current is None or self._stale(current) or self._file_changed():
+        if self._needs_refresh(kind):
             async with self._lock:
-                await self._refresh(kind)
+                if self._needs_refresh(kind):  # another request may have refreshed meanwhile
+                    await self._refresh(kind)
         found = self._tokens.get(kind)
         if found is None:
             raise _unreachable("TorchServe's key file is not readable")
         return found.key
 
-    async def invalidate(self, kind: TokenKind) -> None:
-        """TorchServe refused the token: read the file again (and rotate if it is stale)."""
+    async def invalidate(self, kind: TokenKind, refused: str) -> None:
+        """TorchServe refused `refused`: read the file again, and rotate if that is stale."""
         async with self._lock:
-            self._mtime = None
-            self._tokens.pop(kind, None)
-            await self._refresh(kind)
+            current = self._tokens.get(kind)
+            if current is not None and current.key != refused:
+                return  # already replaced by a concurrent request
+            self._read()
+            current = self._tokens.get(kind)
+            if current is None or current.key == refused:
+                await self._rotate_if_due(kind, force=True)
+
+    def _needs_refresh(self, kind: TokenKind) -> bool:
+        current = self._tokens.get(kind)
+        return current is None or self._stale(current) or self._file_changed()
 
     def _stale(self, token: _Token) -> bool:
         return time.time() >= token.expires_at - self._margin
@@ -100,9 +113,19 @@ class TokenSource:
     async def _refresh(self, kind: TokenKind) -> None:
         self._read()
         token = self._tokens.get(kind)
-        if token is not None and self._stale(token) and "API" in self._tokens:
-            await self._rotate(kind)
-            self._read()
+        if token is not None and self._stale(token):
+            await self._rotate_if_due(kind)
+
+    async def _rotate_if_due(self, kind: TokenKind, force: bool = False) -> None:
+        now = time.monotonic()
+        last = self._rotated_at.get(kind)
+        if "API" not in self._tokens:
+            return
+        if not force and last is not None and now - last < self.MIN_ROTATION_INTERVAL_S:
+            return
+        self._rotated_at[kind] = now
+        await self._rotate(kind)
+        self._read()
 
     def _read(self) -> None:
         assert self._path is not None
@@ -115,13 +138,11 @@ class TokenSource:
         tokens: dict[str, _Token] = {}
         for kind, entry in data.items():
             if isinstance(entry, dict) and isinstance(entry.get("key"), str):
-                expiry = entry.get("expiration time")
-                expires = parse_expiry(expiry) if isinstance(expiry, str) else float("inf")
-                tokens[kind] = _Token(entry["key"], expires)
+                tokens[kind] = _Token(entry["key"], _expiry(entry.get("expiration time")))
         self._tokens, self._mtime = tokens, mtime
 
     async def _rotate(self, kind: TokenKind) -> None:
-        # TorchServe replaces the token, writes key_file.json and answers with the new key file.
+        # TorchServe replaces the token and rewrites key_file.json (the answer has no body).
         url = f"{self._management_url}/token"
         headers = {"Authorization": f"Bearer {self._tokens['API'].key}"}
         try:
@@ -133,6 +154,16 @@ class TokenSource:
             logger.warning("TorchServe token rotation answered %s", resp.status_code)
         else:
             logger.info("rotated TorchServe %s token", kind)
+
+
+def _expiry(value: object) -> float:
+    if not isinstance(value, str):
+        return float("inf")  # no expiry given: rely on the refused-token retry
+    try:
+        return parse_expiry(value)
+    except ValueError:
+        logger.warning("unreadable token expiry %r in TorchServe's key file", value[:40])
+        return float("inf")
 
 
 @dataclass(frozen=True)
@@ -180,7 +211,7 @@ class Upstream:
             resp = await self._send(kind, method, base + path, params, content, headers)
             if attempt == 1 and token and resp.status == 400 and _token_refused(resp.content):
                 logger.info("TorchServe refused its %s token; re-reading the key file", kind)
-                await self.tokens.invalidate(kind)
+                await self.tokens.invalidate(kind, token)
                 continue
             return resp
         return resp

@@ -12,6 +12,7 @@ import pytest
 import yaml
 
 from secure_handler.cli import main
+from secure_handler.gateway.audit import AuditLog, AuditRecord
 from secure_handler.gateway.config import (
     GatewayConfig,
     KeyEntry,
@@ -272,3 +273,27 @@ def test_memory_buckets_are_pruned_only_when_full_again() -> None:
     assert len(limiter._buckets) == 11
     limiter.take("addr:newer", limit, now=5.0)  # now all the old ones are full again
     assert set(limiter._buckets) == {"addr:newer"}
+
+
+# --- the audit log file ---------------------------------------------------------------------
+
+
+def _record(request_id: str) -> AuditRecord:
+    return AuditRecord(key="k", client="127.0.0.1", action="management.list", model="m" * 500,
+                       outcome="allowed", status=200, request_id=request_id)
+
+
+def test_audit_log_appends_private_lines_and_follows_rotation(tmp_path: Path) -> None:
+    path = tmp_path / "logs" / "audit.jsonl"
+    log = AuditLog(path)
+    try:
+        log.write(_record("one"))
+        path.rename(tmp_path / "audit.jsonl.1")  # what logrotate does
+        log.write(_record("two"))
+    finally:
+        log.close()
+    [old] = [json.loads(x) for x in (tmp_path / "audit.jsonl.1").read_text().splitlines()]
+    [new] = [json.loads(x) for x in path.read_text().splitlines()]
+    assert (old["request_id"], new["request_id"]) == ("one", "two")
+    assert len(new["model"]) == 128  # client-supplied strings are clipped
+    assert path.stat().st_mode & 0o777 == 0o600
