@@ -180,7 +180,8 @@ def test_config_command_public_bind_with_tls(store: Path, tmp_path: Path) -> Non
     assert main(args) == 0
     assert load(out)["inference_address"].startswith("https://0.0.0.0:")
     found = {(f.key, f.severity) for f in audit_file(out, environ={}, model_store=store)}
-    assert found == {("inference_address", "low")}  # public, so: put a gateway in front
+    assert ("inference_address", "low") in found  # public, so: put a gateway in front
+    assert not [f for f in found if f[1] != "low"]
     key.chmod(0o644)
     found = {(f.key, f.severity) for f in audit_file(out, environ={}, model_store=store)}
     assert ("private_key_file", "medium") in found
