@@ -21,8 +21,10 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import struct
 import tempfile
 import zipfile
+import zlib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +33,7 @@ from typing import Any
 from .findings import Finding, blocking, finding
 from .loading import DIGESTS_MEMBER, sha256_file
 from .marcheck import MANIFEST_MEMBER, MarReport, VerifyOptions, inspect_tree, read_json
-from .zipsafe import check_entries, check_local_headers, extract_checked
+from .zipsafe import InflationError, check_entries, check_local_headers, extract_checked
 
 __all__ = [
     "DIGESTS_FORMAT",
@@ -56,6 +58,8 @@ DIGESTS_FORMAT = "secure-handler-digests/1"
 LOCK_FORMAT = "secure-handler-lock/1"
 
 _HEX64 = re.compile(r"[0-9a-fA-F]{64}")
+#: What zipfile raises on a damaged archive (UnicodeDecodeError is a ValueError).
+_CORRUPT_ZIP = (zipfile.BadZipFile, ValueError, EOFError, struct.error, NotImplementedError)
 #: Sidecar files that may sit next to MARs in a model store.
 _STORE_SIDECARS = (".mar.sha256", ".mar.sig")
 
@@ -124,8 +128,8 @@ def verify_mar(
         report.add("SH506", None, f"SHA-256 {report.sha256} differs from the pin {expected_sha256}")
     try:
         zf = zipfile.ZipFile(mar)
-    except zipfile.BadZipFile as exc:
-        report.add("SH301", None, f"not a zip archive ({exc})")
+    except _CORRUPT_ZIP as exc:
+        report.add("SH301", None, f"not a readable zip archive ({type(exc).__name__}: {exc})")
         return report
     with zf:
         _verify_open_zip(mar, zf, options, report)
@@ -138,7 +142,10 @@ def _verify_open_zip(
     mar: Path, zf: zipfile.ZipFile, options: VerifyOptions, report: MarReport
 ) -> None:
     structural = check_entries(zf.infolist(), options.limits, mar.name)
-    structural += check_local_headers(mar, zf, mar.name)
+    try:
+        structural += check_local_headers(mar, zf, mar.name)
+    except struct.error:  # a header cut short by the end of the file
+        structural.append(finding("SH310", mar.name, "a local header runs past the end"))
     if structural:
         report.findings.extend(structural)
         report.notes.append("content not inspected: the container itself is unsafe")
@@ -146,8 +153,11 @@ def _verify_open_zip(
     with tempfile.TemporaryDirectory(prefix="secure-handler-verify-") as tmp:
         try:
             files = extract_checked(zf, Path(tmp), options.limits)
-        except (ValueError, zipfile.BadZipFile, OSError) as exc:
+        except InflationError as exc:
             report.add("SH309", None, f"extraction stopped: {exc}")
+            return
+        except (*_CORRUPT_ZIP, zlib.error, OSError) as exc:
+            report.add("SH301", None, f"member data is corrupt ({type(exc).__name__}: {exc})")
             return
         inspect_tree(Path(tmp), files, options, report)
 

@@ -19,6 +19,7 @@ import logging
 import os
 import pickletools
 import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -105,7 +106,8 @@ def _zip_pickle_members(path: Path) -> list[str]:
                     if _protocol_header(fh.read(2)) is not None:
                         found.append(info.filename)
             return found
-    except (zipfile.BadZipFile, OSError, NotImplementedError, RuntimeError):
+    except (zipfile.BadZipFile, OSError, NotImplementedError, RuntimeError, ValueError,
+            EOFError, zlib.error):  # fmt: skip
         return []
 
 

@@ -368,11 +368,14 @@ def scan_source(source: str | bytes, filename: str = "<handler>") -> list[Findin
             return [finding("SH001", filename, f"not UTF-8 ({exc.reason}); cannot be checked")]
     try:
         tree = ast.parse(source, filename=filename)
-    except (SyntaxError, ValueError) as exc:
+    except (SyntaxError, ValueError, RecursionError, MemoryError) as exc:
         line = getattr(exc, "lineno", None) or 0
         return [finding("SH001", f"{filename}:{line}", f"does not parse: {exc}")]
-    visitor = _Visitor(_collect_aliases(tree))
-    visitor.visit(tree)
+    try:
+        visitor = _Visitor(_collect_aliases(tree))
+        visitor.visit(tree)
+    except RecursionError:  # absurd nesting is itself a reason to refuse
+        return [finding("SH001", filename, "nested too deeply to be analysed")]
     return _to_findings(visitor.hits, _allow_comments(source), filename)
 
 

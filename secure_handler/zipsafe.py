@@ -22,6 +22,7 @@ from typing import BinaryIO
 from .findings import Finding, finding
 
 __all__ = [
+    "InflationError",
     "ZipLimits",
     "check_entries",
     "check_local_headers",
@@ -36,6 +37,10 @@ _DESCRIPTOR_SIG = b"PK\x07\x08"
 _ZIP64_MARK = 0xFFFFFFFF
 _ALLOWED_METHODS = frozenset({zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED})
 _COPY_CHUNK = 1 << 20
+
+
+class InflationError(ValueError):
+    """A member inflated past its declared size, or past the total budget."""
 
 
 @dataclass(frozen=True)
@@ -210,7 +215,7 @@ def _copy_bounded(zf: zipfile.ZipFile, info: zipfile.ZipInfo, target: Path, limi
         while chunk := src.read(_COPY_CHUNK):
             copied += len(chunk)
             if copied > limit:
-                raise ValueError(f"{info.filename!r} inflates past its declared size")
+                raise InflationError(f"{info.filename!r} inflates past its declared size")
             dst.write(chunk)
     return copied
 

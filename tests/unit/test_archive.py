@@ -14,11 +14,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from support import LABELS, archive_mar, build_tiny_classifier, write_image_handler
 
 import secure_handler
-from secure_handler.archive import MANIFEST_MEMBER, verify_store
+from secure_handler.archive import MANIFEST_MEMBER, verify_mar, verify_store
 from secure_handler.cli import main
+from secure_handler.findings import RULES
 from secure_handler.loading import (
     DIGESTS_MEMBER,
     TRUST_STORE_ENV,
@@ -289,3 +292,33 @@ def test_key_signing_round_trip_offline(
             "--public-key", str(public)]  # fmt: skip
     assert main(args) == 1
     assert "SH510" in capsys.readouterr().out
+
+
+@settings(
+    max_examples=120,
+    deadline=None,
+    derandomize=True,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+@given(data=st.data())
+def test_any_corruption_is_refused_or_leaves_content_intact(
+    clean_mar: Path, tmp_path_factory: pytest.TempPathFactory, data: st.DataObject
+) -> None:
+    """Fuzz `verify`: a damaged MAR never crashes it, and never passes with changed content."""
+    raw = bytearray(clean_mar.read_bytes())
+    kind = data.draw(st.sampled_from(["flip", "truncate", "insert"]))
+    pos = data.draw(st.integers(0, len(raw) - 1))
+    if kind == "flip":
+        raw[pos] ^= data.draw(st.integers(1, 255))
+    elif kind == "truncate":
+        del raw[pos:]
+    else:
+        raw[pos:pos] = data.draw(st.binary(min_size=1, max_size=64))
+    mar = tmp_path_factory.mktemp("fuzz") / "tiny.mar"
+    mar.write_bytes(bytes(raw))
+    report = verify_mar(mar)  # must return, whatever the bytes
+    if report.ok:
+        assert member_hashes(mar) == member_hashes(clean_mar)
+    else:
+        assert all(f.rule in RULES for f in report.findings)
