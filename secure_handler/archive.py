@@ -213,9 +213,14 @@ class LockResult:
         return not blocking(self.findings) and all(r.ok for r in self.reports)
 
 
-def lock_store(store: Path, options: VerifyOptions | None = None) -> LockResult:
-    """Verify every MAR in `store` and build the lock file that pins them."""
-    mars, findings = store_entries(store)
+def lock_store(
+    store: Path, options: VerifyOptions | None = None, ignore: Iterable[Path] = ()
+) -> LockResult:
+    """Verify every MAR in `store` and build the lock file that pins them.
+
+    `ignore` names files in the store that are not models (the lock file itself).
+    """
+    mars, findings = store_entries(store, ignore)
     reports = [verify_mar(mar, options) for mar in mars]
     seen: dict[tuple[Any, Any], str] = {}
     for report in reports:

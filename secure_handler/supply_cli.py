@@ -304,7 +304,8 @@ def _add_lock(sub: argparse._SubParsersAction[Any]) -> None:
 def _cmd_lock(args: argparse.Namespace) -> int:
     if not args.store.is_dir():
         return _usage_error("lock", ValueError(f"{args.store} is not a directory"))
-    result = lock_store(args.store, _options(args))
+    ignore = [args.output] if args.output else []
+    result = lock_store(args.store, _options(args), ignore)
     if not result.ok:
         lines = [f"REFUSED: nothing locked in {args.store}", *_lock_lines(result)]
         _emit_stream(args, _lock_payload(result), lines, sys.stdout if args.output else sys.stderr)
