@@ -263,6 +263,9 @@ def _importable_names() -> frozenset[str]:
     """Top-level modules a member could shadow: the model dir precedes them on the path."""
     names = set(sys.stdlib_module_names) | set(sys.builtin_module_names)
     names |= {"secure_handler", "ts", "torch", "model_archiver"}
+    # Imported by `site` at interpreter start from any sys.path entry, so a worker started
+    # with the model dir on PYTHONPATH runs them before any handler code.
+    names |= {"sitecustomize", "usercustomize"}
     names |= set(importlib.metadata.packages_distributions())
     return frozenset(names)
 

@@ -384,6 +384,17 @@ def test_member_shadowing_an_installed_module_is_refused(
     assert refusal(argv, capsys) == (1, {("SH412", "shadow.mar!json.py")})
 
 
+def test_sitecustomize_member_is_refused(tmp_path: Path, src: Src, capsys: Any) -> None:
+    """CWE-427: `site` imports sitecustomize from PYTHONPATH, which holds the model dir, so it
+    would run when the worker starts, before any handler (however harmless it looks)."""
+    startup = tmp_path / "startup"
+    startup.mkdir()
+    (startup / "sitecustomize.py").write_text("GREETING = 'hello'\n")
+    argv = archive_cmd(src, tmp_path, "site")
+    argv[argv.index("--extra-files") + 1] += f",{startup}"
+    assert refusal(argv, capsys) == (1, {("SH412", "site.mar!sitecustomize.py")})
+
+
 def test_compiled_code_member_is_refused(tmp_path: Path, clean_mar: Path, capsys: Any) -> None:
     """CWE-94: a native extension is importable from the model dir and cannot be reviewed."""
     so = "fastops.cpython-311-x86_64-linux-gnu.so"
