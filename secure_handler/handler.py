@@ -18,8 +18,10 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -59,6 +61,7 @@ class SecureBaseHandler(BaseHandler, ABC):  # type: ignore[misc]
         super().__init__()
         self.limits: Any = None
         self.model_name = ""
+        self._pool: ThreadPoolExecutor | None = None
 
     # --- initialize ---------------------------------------------------------------------
 
@@ -74,6 +77,10 @@ class SecureBaseHandler(BaseHandler, ABC):  # type: ignore[misc]
         self.device = loading.choose_device(properties, self.limits.device)
         self.map_location = str(self.device)
         self.model = self._load_model(Path(properties.get("model_dir") or "."))
+        threads = int(getattr(self.limits, "decode_threads", 0))
+        if threads > 0:
+            # Pillow releases the GIL while decoding and resampling, so rows decode in parallel.
+            self._pool = ThreadPoolExecutor(threads, thread_name_prefix="secure-decode")
         self.setup()
         if self.limits.warmup:
             self.warm_up()
@@ -173,27 +180,47 @@ class SecureBaseHandler(BaseHandler, ABC):  # type: ignore[misc]
         timer = StageTimer(context)
         results: list[Any] = [None] * len(data)
         valid: dict[int, Any] = {}
-        for idx, row in enumerate(data):
-            try:
-                if idx >= self.limits.max_batch_size:
-                    raise BatchLimitExceeded("batch is over max_batch_size; retry the request")
-                payload = self.read_payload(row, idx)
-                timer.mark("payload")
-                valid[idx] = self.decode(payload, idx)
-            except RequestError as err:
-                results[idx] = self._refuse(context, idx, err)
-            except Exception as exc:  # a bug or library fault on this row only
-                logger.exception("unexpected error decoding request %d", idx)
-                results[idx] = self._refuse(context, idx, SecureHandlerError(
-                    f"internal error while reading the request ({type(exc).__name__})"))
-            timer.mark("decode")
+        for idx, outcome in enumerate(self._decode_rows(data, timer)):
+            if isinstance(outcome, SecureHandlerError):
+                results[idx] = self._refuse(context, idx, outcome)
+            else:
+                valid[idx] = outcome
+        timer.lap()
         if valid:
-            for idx, body in zip(valid, self._run_batch(list(valid.values()), timer), strict=True):
+            bodies = self._run_batch(list(valid.values()), timer)
+            for idx, body in zip(valid, bodies, strict=True):
                 results[idx] = self._respond(context, idx, body)
         timer.emit()
         logger.info("batch rows=%d served=%d refused=%d", len(data), len(valid),
                     len(data) - len(valid))
         return results
+
+    def _decode_rows(self, data: list[Mapping[str, Any]], timer: StageTimer) -> list[Any]:
+        """Each row on its own (on the decode pool when configured): item or error."""
+        jobs = list(enumerate(data))
+        if self._pool is None or len(jobs) < 2:
+            return [self._decode_row(idx, row, timer) for idx, row in jobs]
+        return list(self._pool.map(lambda job: self._decode_row(job[0], job[1], timer), jobs))
+
+    def _decode_row(self, idx: int, row: Mapping[str, Any], timer: StageTimer) -> Any:
+        start = time.perf_counter()
+        stage = "payload"
+        try:
+            if idx >= self.limits.max_batch_size:
+                raise BatchLimitExceeded("batch is over max_batch_size; retry the request")
+            payload = self.read_payload(row, idx)
+            mid = time.perf_counter()
+            timer.add("payload", (mid - start) * 1000.0)
+            start, stage = mid, "decode"
+            return self.decode(payload, idx)
+        except RequestError as err:
+            return err
+        except Exception as exc:  # a bug or library fault on this row only
+            logger.exception("unexpected error reading request %d", idx)
+            return SecureHandlerError(
+                f"internal error while reading the request ({type(exc).__name__})")
+        finally:
+            timer.add(stage, (time.perf_counter() - start) * 1000.0)
 
     def _run_batch(self, items: list[Any], timer: StageTimer) -> list[Any]:
         try:

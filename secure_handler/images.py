@@ -12,7 +12,6 @@ from __future__ import annotations
 import io
 import re
 import struct
-import warnings
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -145,10 +144,26 @@ def _simple_size(fmt: str, data: bytes | bytearray) -> ImageSize | None:
     return None
 
 
+def _webp_size(data: bytes | bytearray) -> ImageSize | None:
+    chunk = bytes(data[12:16])
+    if chunk == b"VP8X" and len(data) >= 30:
+        width = int.from_bytes(data[24:27], "little") + 1
+        return width, int.from_bytes(data[27:30], "little") + 1
+    if chunk == b"VP8 " and len(data) >= 30 and data[23:26] == b"\x9d\x01\x2a":
+        width, height = struct.unpack_from("<HH", data, 26)
+        return width & 0x3FFF, height & 0x3FFF
+    if chunk == b"VP8L" and len(data) >= 25 and data[20] == 0x2F:
+        bits = int.from_bytes(data[21:25], "little")
+        return (bits & 0x3FFF) + 1, ((bits >> 14) & 0x3FFF) + 1
+    return None
+
+
 def header_size(fmt: str, data: bytes | bytearray) -> ImageSize | None:
     """Width and height from the header, for the formats we parse ourselves; else None."""
     if fmt == "JPEG":
         return _jpeg_size(data)
+    if fmt == "WEBP":
+        return _webp_size(data)
     return _simple_size(fmt, data)
 
 
@@ -186,19 +201,23 @@ def _check_frames(img: Image.Image, limits: ImageLimits) -> None:
 
 
 def open_image(data: bytes | bytearray, fmt: str, limits: ImageLimits) -> Image.Image:
-    """Open lazily with only `fmt` allowed, after the header checks; nothing is decoded yet."""
+    """Open lazily with only `fmt` allowed, after the header checks; nothing is decoded yet.
+
+    Our own header parsers refuse anything over `max_image_pixels` (capped at Pillow's default
+    `MAX_IMAGE_PIXELS`) before Pillow runs, so Pillow's bomb check stays a silent backstop and
+    no process-global warning filter has to be touched (this runs on decode threads).
+    """
     size = header_size(fmt, data)
     if size is not None:
         check_size(size, limits)
     try:
-        with warnings.catch_warnings():
-            # Pillow's bomb warning becomes a typed refusal instead of a log line.
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data), formats=(fmt,))
+        img = Image.open(io.BytesIO(data), formats=(fmt,))
         check_size(img.size, limits)  # the authoritative size, for every format
         _check_frames(img, limits)
     except (ImageTooLarge, AnimatedImage):
         raise
+    except Image.DecompressionBombError as exc:
+        raise ImageTooLarge(f"image is over Pillow's pixel limit: {reason(exc)}") from exc
     except DECODE_ERRORS as exc:
         raise InvalidImage(f"cannot read the {fmt} image: {reason(exc)}") from exc
     return img

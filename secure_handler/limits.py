@@ -57,7 +57,9 @@ class ImageLimits(BaseLimits):
     """Checks on every image, read from the header before any pixel is decoded."""
 
     max_image_side: int = Field(4096, gt=0, le=65535)
-    max_image_pixels: int = Field(4096 * 4096, gt=0, le=1 << 31)
+    # Capped at Pillow's default MAX_IMAGE_PIXELS, which we never change: our header check
+    # then always refuses first, and Pillow's own bomb check stays a silent backstop.
+    max_image_pixels: int = Field(4096 * 4096, gt=0, le=89_478_485)
     max_aspect_ratio: float = Field(20.0, ge=1.0)
     allowed_formats: tuple[ImageFormat, ...] = ("PNG", "JPEG")
     animated: Literal["reject", "first_frame"] = "reject"

@@ -7,6 +7,7 @@ Emitted through `context.metrics`, so they reach the metrics endpoint (Prometheu
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from typing import Any
 
@@ -33,16 +34,30 @@ def count_rejection(context: Any, code: str) -> None:
 
 
 class StageTimer:
-    """Accumulates wall time per stage over one batch; `mark(stage)` closes the current lap."""
+    """Wall time per stage over one batch.
+
+    Per-row stages (`payload`, `decode`) are summed with `add()`; they may run on decode
+    threads, so their sum can exceed the wall time. Batch stages are laps: `mark(stage)`
+    closes the lap that started at the previous `mark()` or `lap()`.
+    """
 
     def __init__(self, context: Any) -> None:
         self._context = context
         self._last = time.perf_counter()
+        self._lock = threading.Lock()
         self.totals: dict[str, float] = {}
+
+    def add(self, stage: str, ms: float) -> None:
+        with self._lock:
+            self.totals[stage] = self.totals.get(stage, 0.0) + ms
+
+    def lap(self) -> None:
+        """Start a new lap without recording the time since the last one."""
+        self._last = time.perf_counter()
 
     def mark(self, stage: str) -> None:
         now = time.perf_counter()
-        self.totals[stage] = self.totals.get(stage, 0.0) + (now - self._last) * 1000.0
+        self.add(stage, (now - self._last) * 1000.0)
         self._last = now
 
     def emit(self) -> None:

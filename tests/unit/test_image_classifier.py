@@ -212,3 +212,12 @@ def test_model_sha256_pin(model_dir: Path) -> None:
 
     handler, _ = make_handler(model_dir, {"model_sha256": sha256_file(model_dir / "model.pt")})
     assert handler.initialized
+
+
+def test_decode_pool_gives_the_same_answers(model_dir: Path) -> None:
+    handler, ctx = make_handler(model_dir, {"decode_threads": 2})
+    requests = [Request(bytearray(image_bytes(c)), "image/jpeg") for c in ("red", "green", "blue")]
+    requests.append(Request(bytearray(b"\xff\xd8\xff\x00"), "image/jpeg"))
+    results = run_batch(handler, ctx, requests)
+    assert [s for s, _ in results] == [200, 200, 200, 422]
+    assert [top1(b) for _, b in results[:3]] == ["red", "green", "blue"]
