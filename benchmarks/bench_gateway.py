@@ -21,8 +21,10 @@ Printed: req/s, p50 and p99 (ms, from ab's percentiles) for each path, and the o
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -33,6 +35,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -42,27 +45,124 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(1, str(HERE.parent))
 
-from bench_e2e import (  # noqa: E402
-    BATCH,
-    CONCURRENCY,
-    MAX_BATCH_DELAY_MS,
-    OUR_HANDLER,
-    AbResult,
-    Load,
-    archive,
-    build_models,
-    check_prediction,
-    labels_file,
-    run_ab,
-)
 from corpus import KINDS, make_image  # noqa: E402
+from models import TinyModel, save_scripted  # noqa: E402
 
 from secure_handler.gateway.keys import generate_key, hash_key  # noqa: E402
 from secure_handler.server import TorchServe, free_port  # noqa: E402
 from secure_handler.tsconfig import ModelSpec, Ports, hardened_properties, render_properties  # noqa: E402
 
+CONCURRENCY = 16
+BATCH = 8
+MAX_BATCH_DELAY_MS = 5
+CLASSES = 10  # TinyModel's logits
+
+HANDLER = '''"""Benchmark handler: the library's classifier, unchanged."""
+
+from secure_handler import SecureImageClassifier
+
+
+class BenchHandler(SecureImageClassifier):
+    """Exactly what a user writes."""
+'''
+
+
+@dataclass(frozen=True)
+class Load:
+    """One ApacheBench run: at most `requests` requests and at most `time_limit_s` seconds."""
+
+    requests: int
+    time_limit_s: int
+
+
+@dataclass(frozen=True)
+class AbResult:
+    requests_per_s: float
+    p50_ms: float
+    p99_ms: float
+    complete: int
+    failed: int
+    non_2xx: int
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
 LOAD = Load(3000, 60)
 QUICK_LOAD = Load(600, 30)
+
+
+# --- artefacts --------------------------------------------------------------------------------
+
+
+def build_archive(src: Path, store: Path) -> str:
+    """TinyModel as TorchScript + the one-class handler + labels → `store/tiny.mar`."""
+    src.mkdir(parents=True, exist_ok=True)
+    store.mkdir(parents=True, exist_ok=True)
+    model = save_scripted(TinyModel(), src / "model.pt")
+    handler = src / "handler.py"
+    handler.write_text(HANDLER, "utf-8")
+    labels = src / "index_to_name.json"
+    labels.write_text(json.dumps({str(i): f"class_{i}" for i in range(CLASSES)}), "utf-8")
+    archiver = Path(sys.executable).with_name("torch-model-archiver")
+    subprocess.run([str(archiver), "--model-name", "tiny", "--version", "1.0",
+                    "--serialized-file", str(model), "--handler", str(handler),
+                    "--extra-files", str(labels), "--export-path", str(store), "-f"],
+                   check=True, capture_output=True)
+    return "tiny.mar"
+
+
+# --- load -------------------------------------------------------------------------------------
+
+
+def check_prediction(url: str, token: str, body: bytes) -> str:
+    """One request before timing: the model must answer 200."""
+    req = urllib.request.Request(url, data=body, method="POST")
+    req.add_header("Content-Type", "image/jpeg")
+    req.add_header("Authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(req, timeout=60) as resp:  # loopback only
+            return str(resp.read().decode("utf-8", "replace"))[:120]
+    except urllib.error.HTTPError as err:
+        raise RuntimeError(f"{url}: HTTP {err.code}: {err.read()[:300]!r}") from err
+
+
+def run_ab(url: str, token: str, image: Path, load: Load, workdir: Path) -> AbResult:
+    """ApacheBench with keep-alive (`-k`: without it ab hangs against TorchServe)."""
+    ab = shutil.which("ab")
+    if ab is None:
+        raise RuntimeError("ApacheBench missing: apt-get install -y apache2-utils")
+    pct = workdir / "ab-percentiles.csv"
+    # -t before -n: -t resets the request count, the later -n sets it again.
+    cmd = [ab, "-k", "-q", "-l", "-s", "60", "-c", str(CONCURRENCY), "-t", str(load.time_limit_s),
+           "-n", str(load.requests), "-p", str(image), "-T", "image/jpeg",
+           "-H", f"Authorization: Bearer {token}", "-e", str(pct), url]
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False,
+                          timeout=load.time_limit_s + 120)
+    if proc.returncode != 0:
+        raise RuntimeError(f"ab failed ({proc.returncode}): {proc.stderr.strip()[-500:]}")
+    return parse_ab(proc.stdout, pct.read_text("utf-8"))
+
+
+def _field(pattern: str, text: str) -> float:
+    match = re.search(pattern, text)
+    return float(match.group(1)) if match else 0.0
+
+
+def parse_ab(stdout: str, percentiles_csv: str) -> AbResult:
+    """req/s and failures from ab's report; p50/p99 from its `-e` percentile CSV."""
+    pct = {int(float(row[0])): float(row[1])
+           for row in csv.reader(percentiles_csv.splitlines()[1:]) if len(row) == 2}
+    return AbResult(
+        requests_per_s=_field(r"Requests per second:\s+([\d.]+)", stdout),
+        p50_ms=pct[50], p99_ms=pct[99],
+        complete=int(_field(r"Complete requests:\s+(\d+)", stdout)),
+        failed=int(_field(r"Failed requests:\s+(\d+)", stdout)),
+        non_2xx=int(_field(r"Non-2xx responses:\s+(\d+)", stdout)),
+    )
+
+
+# --- servers ----------------------------------------------------------------------------------
 
 
 @contextmanager
@@ -162,13 +262,8 @@ def _median(results: Sequence[AbResult]) -> AbResult:
 
 
 def measure(rounds: int, load: Load, use_redis: bool, tmp: Path) -> dict[str, Any]:
-    src, store = tmp / "src", tmp / "store"
-    store.mkdir(parents=True, exist_ok=True)
-    model = build_models(src, ["tiny"])["tiny"]
-    handler = src / "handler.py"
-    handler.write_text(OUR_HANDLER, "utf-8")
-    mar = archive(Path(sys.executable).with_name("torch-model-archiver"), store, "tiny", model,
-                  str(handler), labels_file(src, 10))
+    store = tmp / "store"
+    mar = build_archive(tmp / "src", store)
     image = tmp / "image.jpg"
     image.write_bytes(make_image(KINDS[0], 0))  # jpeg_500x375
     key = generate_key()

@@ -239,6 +239,8 @@ class Gateway:
         return await self._forward_model(call, "PUT", params)
 
     async def register_model(self, request: Request, call: Call) -> Response:
+        # For the audit line even when the name is refused (clipped and JSON-escaped there).
+        call.model = request.query_params.get("model_name")
         key = await self.admit(request, call, "management")
         name, params = register_params(
             request.query_params.multi_items(), self.config.model_store, self.config.max_workers

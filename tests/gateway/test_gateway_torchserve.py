@@ -307,6 +307,7 @@ def test_register_refuses_ssrf_and_path_tricks(
     denials = [a for a in audit_lines(config) if a["action"] == "management.register"]
     assert len(denials) == len(SSRF_QUERIES)
     assert all(a["outcome"] == "denied" for a in denials)
+    assert [a["model"] for a in denials].count("spare") == len(SSRF_QUERIES) - 1
     # A describe afterwards reaches TorchServe's access log; the refused registers never did.
     described = torchserve.requests_matching('"GET /models/tiny ')
     assert httpx.get(url + "/models/tiny", headers=ops).status_code == 200
