@@ -8,6 +8,9 @@ Subclass a handler in your `handler.py` and archive that file::
         pass
 """
 
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from .errors import (
     AnimatedImage,
     BatchError,
@@ -32,8 +35,6 @@ from .errors import (
     UnsupportedMediaType,
     error_body,
 )
-from .handler import SecureBaseHandler
-from .image_classifier import SecureImageClassifier
 from .limits import (
     BaseLimits,
     ImageClassifierLimits,
@@ -42,10 +43,32 @@ from .limits import (
     TextClassifierLimits,
     TextLimits,
 )
-from .object_detector import SecureObjectDetector
-from .text_classifier import SecureTextClassifier
+
+if TYPE_CHECKING:
+    from .handler import SecureBaseHandler
+    from .image_classifier import SecureImageClassifier
+    from .object_detector import SecureObjectDetector
+    from .text_classifier import SecureTextClassifier
 
 __version__ = "0.1.0"
+
+# The handlers import torch and TorchServe (seconds, and log lines on stderr); load them on
+# first use so the CLI, the client and the gateway start fast.
+_LAZY = {
+    "SecureBaseHandler": ".handler",
+    "SecureImageClassifier": ".image_classifier",
+    "SecureObjectDetector": ".object_detector",
+    "SecureTextClassifier": ".text_classifier",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'secure_handler' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module, __name__), name)
+    globals()[name] = value
+    return value
 
 __all__ = [
     "AnimatedImage",

@@ -16,11 +16,12 @@ import warnings
 import zipfile
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from .errors import ConfigurationError, IntegrityError, UnsafeModelError
+
+if TYPE_CHECKING:  # torch is imported where it is used, so the CLI starts fast
+    import torch
 
 __all__ = [
     "DIGESTS_MEMBER",
@@ -60,6 +61,8 @@ def choose_device(properties: Mapping[str, Any], preference: str = "auto") -> to
     `preference` is the handler config's `device`: `cpu` forces the CPU, `cuda` demands a GPU
     and fails loudly rather than silently running on the CPU.
     """
+    import torch
+
     gpu_id = properties.get("gpu_id")
     cuda_ok = torch.cuda.is_available()
     if preference == "cpu":
@@ -229,6 +232,8 @@ def verify_trust_store(
 
 def load_torchscript(path: str | os.PathLike[str], device: torch.device) -> torch.jit.ScriptModule:
     """`torch.jit.load` onto `device`, in eval mode. Call only after the checks above."""
+    import torch
+
     with warnings.catch_warnings():
         # torch 2.13 deprecates TorchScript; silence exactly that message and nothing wider.
         warnings.filterwarnings(
