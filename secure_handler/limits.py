@@ -88,6 +88,8 @@ class ImageClassifierLimits(ImageLimits, _OutputLimits):
 
     resize_size: int = Field(256, gt=0, le=4096)
     crop_size: int = Field(224, gt=0, le=4096)
+    # Who resamples the crop box: Pillow (single-threaded C) or torch's SIMD uint8 kernel.
+    resampler: Literal["pillow", "torch"] = "pillow"
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
 
@@ -172,6 +174,8 @@ class TextLimits(BaseLimits):
             raise ValueError(f"not a regular expression: {exc}") from exc
         if compiled.fullmatch(""):
             raise ValueError("must not match the empty string (every position would be a token)")
+        if compiled.groups:
+            raise ValueError("must not have capturing groups; write (?:...) instead")
         return value
 
 

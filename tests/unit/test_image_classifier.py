@@ -221,3 +221,27 @@ def test_decode_pool_gives_the_same_answers(model_dir: Path) -> None:
     results = run_batch(handler, ctx, requests)
     assert [s for s, _ in results] == [200, 200, 200, 422]
     assert [top1(b) for _, b in results[:3]] == ["red", "green", "blue"]
+
+
+@pytest.mark.parametrize("resampler", ["pillow", "torch"])
+def test_both_resamplers_classify_and_agree(model_dir: Path, resampler: str) -> None:
+    handler, ctx = make_handler(model_dir, {"resampler": resampler})
+    requests = [Request(bytearray(image_bytes(c, (500, 375))), "image/jpeg") for c in ("red", "green", "blue")]
+    assert [top1(b) for _, b in run_batch(handler, ctx, requests)] == ["red", "green", "blue"]
+    # On a smooth gradient (not a flat colour) both resamplers give nearly the same pixels.
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    ramp = np.linspace(0, 255, 640, dtype=np.float32)
+    rgb = np.stack(np.broadcast_arrays(ramp[None, :], ramp[:480, None], 128 + 0 * ramp[None, :]), -1)
+    buf = io.BytesIO()
+    Image.fromarray(rgb.astype(np.uint8)).save(buf, format="PNG")
+    gradient = [Request(bytearray(buf.getvalue()), "image/png")]
+    run_batch(handler, ctx, gradient)
+    other, ctx2 = make_handler(model_dir, {"resampler": "torch" if resampler == "pillow" else "pillow"})
+    run_batch(other, ctx2, gradient)
+    diff = (handler._slots[0].int() - other._slots[0].int()).abs()
+    assert diff.float().mean() < 1.0
+    assert diff.max() <= 4
