@@ -66,6 +66,13 @@ def png_declaring(width: int, height: int, before_ihdr: bytes = b"") -> bytes:
             + png_chunk(b"IEND", b""))
 
 
+def png_zero_filled(width: int, height: int) -> bytes:
+    """A complete, valid black RGB PNG: zlib squeezes w*h*3 zero bytes about 1000:1."""
+    raw = zlib.compress(b"\x00" * (height * (1 + 3 * width)), 9)
+    return (PNG_SIGNATURE + ihdr(width, height) + png_chunk(b"IDAT", raw)
+            + png_chunk(b"IEND", b""))
+
+
 def png_rgb16(colour: RGB, size: tuple[int, int] = (32, 24)) -> bytes:
     """A valid 48-bit (16 bits per channel) RGB PNG; Pillow cannot write these itself."""
     width, height = size
@@ -113,6 +120,16 @@ def apng(colours: Sequence[RGB], size: tuple[int, int] = (32, 32),
     pos = data.index(b"acTL") - 4
     body = struct.pack(">II", declared_frames, 0)
     return data[:pos] + png_chunk(b"acTL", body) + data[pos + 20:]
+
+
+def apng_cut_in_actl() -> bytes:
+    """IHDR, then an acTL chunk (0 frames, 2 plays) cut off before its CRC; nothing after.
+
+    Found by the property suite: Pillow warns ("Invalid APNG") before it gives up, so the
+    outcome depends on the process's warning filter unless the handler pins it.
+    """
+    actl = png_chunk(b"acTL", struct.pack(">II", 0, 2))
+    return PNG_SIGNATURE + ihdr(8, 8) + actl[:-4]
 
 
 # --- JPEG ------------------------------------------------------------------------------------

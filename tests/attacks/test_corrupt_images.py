@@ -59,3 +59,13 @@ def test_jpeg_with_zero_width_is_refused(target: Target) -> None:
 def test_png_with_zero_height_is_refused(target: Target) -> None:
     """CWE-369/CWE-20: IHDR declares 16 x 0."""
     assert_refused(target.one(craft.png_declaring(16, 0), "image/png"), 422, "invalid_image")
+
+
+def test_apng_cut_inside_its_animation_header_is_refused(target: Target) -> None:
+    """CWE-703: Pillow emits a UserWarning ("Invalid APNG") and then fails to identify it.
+
+    The answer must be the same typed 422 whatever the worker's warning filter is (this
+    suite runs with warnings as errors, like a worker started with PYTHONWARNINGS=error);
+    it must never become a 500 `internal_error`.
+    """
+    assert_refused(target.one(craft.apng_cut_in_actl(), "image/png"), 422, "invalid_image")
