@@ -202,6 +202,9 @@ def measure_ours(
                 ctx.request_processor = b[1]  # per-batch headers, as the worker sets them
                 return preprocess(b[0])
 
+            shape = tuple(getattr(run(batches[0]), "shape", ()))
+            if shape != (len(batches[0][0]), 3, 224, 224):
+                return f"ours skipped: preprocessing gave shape {shape}, not [B, 3, 224, 224]"
             results[name] = measure(run, batches, len(imgs), repeats)
     return results
 
