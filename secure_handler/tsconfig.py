@@ -21,6 +21,9 @@ import yaml
 from .limits import BaseLimits
 from .properties import dumps
 
+#: TorchServe metrics config declaring the handlers' custom metrics (see metrics.yaml).
+METRICS_CONFIG = Path(__file__).with_name("metrics.yaml")
+
 __all__ = [
     "DEFAULT_ALLOWED_URLS",
     "FRONTEND_SLACK",
@@ -235,6 +238,9 @@ def hardened_properties(
         "default_response_timeout": str(response_timeout_s),
         "limit_max_image_pixels": "true",
         "metrics_mode": metrics_mode,
+        # TorchServe's prometheus mode exports only declared metrics; ours declares the
+        # handlers' SecureHandlerRejected and SecureHandlerStageTime next to TorchServe's own.
+        "metrics_config": str(METRICS_CONFIG),
         "disable_system_metrics": "false",
     }
     if tls:
