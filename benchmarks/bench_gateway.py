@@ -15,7 +15,9 @@ on loopback and the Lua limiter), a rate limit far above the load, and the audit
 
 Runs alternate direct / gateway for `--rounds` rounds; the median round is reported.
 Printed: req/s, p50 and p99 (ms, from ab's percentiles) for each path, and the overhead ratio
-= gateway req/s / direct req/s (1.0 = free), plus the added p50/p99 latency.
+= gateway req/s / direct req/s (1.0 = free), plus the added p50/p99 latency and the gateway
+process's own CPU time per request (from /proc: the cost that does not depend on how busy the
+machine is).
 """
 
 from __future__ import annotations
@@ -221,8 +223,8 @@ def gateway_config(workdir: Path, store: Path, upstream: tuple[str, str], key_fi
 
 
 @contextmanager
-def gateway(config: Path, workdir: Path) -> Iterator[str]:
-    """`secure-handler gateway` as its own process; SIGTERM at the end."""
+def gateway(config: Path, workdir: Path) -> Iterator[tuple[str, int]]:
+    """`secure-handler gateway` as its own process (yields URL and pid); SIGTERM at the end."""
     port = free_port()
     env = {**os.environ, "PYTHONPATH": str(HERE.parent)}
     with open(workdir / "gateway.log", "wb") as log:
@@ -233,7 +235,7 @@ def gateway(config: Path, workdir: Path) -> Iterator[str]:
     url = f"http://127.0.0.1:{port}"
     try:
         _wait_healthy(url, proc)
-        yield url
+        yield url, proc.pid
     finally:
         proc.send_signal(signal.SIGTERM)
         try:
@@ -268,11 +270,12 @@ def measure(rounds: int, load: Load, use_redis: bool, tmp: Path) -> dict[str, An
     image.write_bytes(make_image(KINDS[0], 0))  # jpeg_500x375
     key = generate_key()
     runs: dict[str, list[AbResult]] = {"direct": [], "gateway": []}
+    cpu_ms: list[float] = []
     with torchserve(tmp / "ts", store, mar) as (inference, management, token), \
             (redis_server(tmp) if use_redis else _nothing()) as redis_url:
         cfg = gateway_config(tmp, store, (inference, management), tmp / "ts" / "key_file.json",
                              key, redis_url)
-        with gateway(cfg, tmp) as gw:
+        with gateway(cfg, tmp) as (gw, pid):
             targets = {"direct": (f"{inference}/predictions/tiny", token),
                        "gateway": (f"{gw}/predictions/tiny", key)}
             for name, (url, bearer) in targets.items():
@@ -282,12 +285,15 @@ def measure(rounds: int, load: Load, use_redis: bool, tmp: Path) -> dict[str, An
                 order = ("direct", "gateway") if round_no % 2 == 0 else ("gateway", "direct")
                 for name in order:
                     url, bearer = targets[name]
+                    cpu_before = _cpu_seconds(pid)
                     result = run_ab(url, bearer, image, load, tmp)
                     runs[name].append(result)
+                    if name == "gateway":
+                        cpu_ms.append((_cpu_seconds(pid) - cpu_before) * 1000 / result.complete)
                     print(f"  round {round_no + 1} {name:8s} {result.requests_per_s:8.1f} req/s"
                           f"  p50 {result.p50_ms:5.0f} ms  p99 {result.p99_ms:5.0f} ms"
                           f"  failed {result.failed}  non-2xx {result.non_2xx}", flush=True)
-    return summarise(runs, load, use_redis)
+    return summarise(runs, load, use_redis, cpu_ms)
 
 
 @contextmanager
@@ -295,7 +301,14 @@ def _nothing() -> Iterator[None]:
     yield None
 
 
-def summarise(runs: dict[str, list[AbResult]], load: Load, use_redis: bool) -> dict[str, Any]:
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU time of process `pid` so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def summarise(runs: dict[str, list[AbResult]], load: Load, use_redis: bool,
+              cpu_ms: list[float]) -> dict[str, Any]:
     direct, through = _median(runs["direct"]), _median(runs["gateway"])
     return {
         "load": {"requests": load.requests, "time_limit_s": load.time_limit_s,
@@ -306,6 +319,8 @@ def summarise(runs: dict[str, list[AbResult]], load: Load, use_redis: bool) -> d
         "throughput_ratio": round(through.requests_per_s / direct.requests_per_s, 3),
         "added_p50_ms": round(through.p50_ms - direct.p50_ms, 1),
         "added_p99_ms": round(through.p99_ms - direct.p99_ms, 1),
+        # The gateway's own cost, independent of how busy the machine is.
+        "gateway_cpu_ms_per_request": round(sorted(cpu_ms)[len(cpu_ms) // 2], 3),
         "all_rounds": {k: [r.requests_per_s for r in v] for k, v in runs.items()},
         "cpus": os.cpu_count(),
     }
@@ -324,7 +339,8 @@ def report(summary: dict[str, Any]) -> str:
     return "\n".join(rows) + (
         f"\n\noverhead ratio (gateway req/s / direct req/s): {summary['throughput_ratio']:.3f}"
         f"; added latency p50 {summary['added_p50_ms']:+.1f} ms, "
-        f"p99 {summary['added_p99_ms']:+.1f} ms"
+        f"p99 {summary['added_p99_ms']:+.1f} ms; gateway CPU per request "
+        f"{summary['gateway_cpu_ms_per_request']:.2f} ms"
     )
 
 

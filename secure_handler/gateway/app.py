@@ -24,7 +24,6 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -33,7 +32,7 @@ from starlette.routing import Route
 
 from ..errors import error_body
 from .audit import AuditLog, AuditRecord
-from .config import NAME_RE, VERSION_RE, GatewayConfig, KeyEntry, Scope
+from .config import NAME_RE, VERSION_RE, GatewayConfig, KeyEntry, RateLimit, Scope
 from .errors import Forbidden, GatewayError, RateLimited, Unauthorized
 from .keys import KeyRing, bearer_token
 from .management import describe_params, list_params, register_params, scale_params
@@ -92,7 +91,7 @@ class Gateway:
             raise Forbidden(f"this key has no {scope} scope")
         return key
 
-    async def _take(self, bucket: str, limit: Any, what: str) -> None:
+    async def _take(self, bucket: str, limit: RateLimit, what: str) -> None:
         try:
             decision = await self.limiter.hit(bucket, limit)
         except RateLimiterUnavailable as exc:
