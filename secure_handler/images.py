@@ -62,8 +62,10 @@ _DECLARED = {
 }
 
 # Everything Pillow may raise on hostile bytes; mapped to InvalidImage at this one boundary.
+# `Warning` too: Pillow warns before failing on some files ("Invalid APNG"), and a worker run
+# with warnings as errors (PYTHONWARNINGS=error) must still answer with the same typed 422.
 DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, IndexError, struct.error,
-                 Image.DecompressionBombError, Image.DecompressionBombWarning, MemoryError,
+                 Image.DecompressionBombError, Warning, MemoryError,
                  TypeError, KeyError, ZeroDivisionError)
 
 
