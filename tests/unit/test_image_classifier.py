@@ -245,3 +245,14 @@ def test_both_resamplers_classify_and_agree(model_dir: Path, resampler: str) -> 
     diff = (handler._slots[0].int() - other._slots[0].int()).abs()
     assert diff.float().mean() < 1.0
     assert diff.max() <= 4
+
+
+def test_batch_is_normalised_exactly_once(model_dir: Path) -> None:
+    handler, ctx = make_handler(model_dir)
+    run_batch(handler, ctx, [Request(bytearray(image_bytes(c)), "image/jpeg") for c in ("red", "blue")])
+    batch = handler.assemble([1, 0])  # out of order: rows are gathered, not assumed contiguous
+    u8 = handler._slots[[1, 0]].permute(0, 3, 1, 2).float()
+    mean = torch.tensor(handler.limits.mean).view(1, 3, 1, 1)
+    std = torch.tensor(handler.limits.std).view(1, 3, 1, 1)
+    assert torch.allclose(batch, (u8 / 255.0 - mean) / std, atol=1e-5)
+    assert batch.shape == (2, 3, 224, 224)
