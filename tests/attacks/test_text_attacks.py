@@ -167,8 +167,8 @@ def test_text_envelope_attacks_are_refused(text_target: Target, raw: bytes, cont
     assert_refused(text_target.send(_text(raw, content_type))[0], status, code)
 
 
-def test_text_query_parameter_injection_is_refused(text_target: Target) -> None:
-    """CWE-444: the body says "good", `?data=awful` tries to replace it."""
+def test_text_smuggled_as_a_second_data_field_is_refused(text_target: Target) -> None:
+    """CWE-444: the body says "good", a second form field `data=awful` tries to replace it."""
     request = Request("good movie", "text/plain", params={"data": bytearray(b"awful")})
     assert_refused(text_target.send(request)[0], 400, "malformed_request")
 

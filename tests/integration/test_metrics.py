@@ -107,8 +107,11 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Any:
     store = tmp / "store"
     classifier_mar(tmp, store, "tiny", {"max_request_bytes": LIMIT})
     spec = ModelSpec("tiny", "tiny.mar", batch_size=4, max_batch_delay_ms=20)
-    overrides = {"metrics_mode": "prometheus", "metrics_config": str(METRICS_YAML)}
-    with running_server(tmp / "work", store, [spec], overrides=overrides) as info:
+    # The hardened config as shipped: prometheus mode with metrics_config → metrics.yaml.
+    with running_server(tmp / "work", store, [spec]) as info:
+        config = (tmp / "work" / "config.properties").read_text()
+        assert "metrics_mode=prometheus" in config
+        assert f"metrics_config={METRICS_YAML}" in config
         yield info
 
 
