@@ -32,12 +32,13 @@ import numpy as np
 import torch
 from PIL import Image
 
+from . import images
 from .errors import ConfigurationError
 from .image_classifier import load_labels
 from .limits import ObjectDetectorLimits
-from .vision import SecureVisionHandler
+from .vision import OpenedImage, SecureVisionHandler
 
-__all__ = ["SecureObjectDetector", "detect_contract", "split_detections"]
+__all__ = ["SecureObjectDetector", "detect_contract", "display_size", "split_detections"]
 
 Triple = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
@@ -100,6 +101,28 @@ def split_detections(outputs: Any, count: int) -> list[Triple]:
     if len(per_image) != count:
         raise TypeError(f"detector returned {len(per_image)} results for {count} images")
     return per_image
+
+
+# EXIF orientations that turn the stored image by 90 degrees: width and height swap.
+_TRANSPOSED = frozenset({5, 6, 7, 8})
+
+
+def display_size(opened: OpenedImage) -> tuple[int, int, bool]:
+    """Width and height as shown (after the EXIF orientation the decoder applies), and
+    whether they are swapped relative to the stored pixels; boxes map back to these."""
+    width, height = opened.size
+    try:
+        orientation = opened.image.getexif().get(0x0112, 1)
+    except images.DECODE_ERRORS:
+        orientation = 1  # the decoder will not rotate either (images.apply_exif_orientation)
+    if orientation in _TRANSPOSED:
+        return height, width, True
+    return width, height, False
+
+
+def _stored(size: tuple[int, int], swapped: bool) -> tuple[int, int]:
+    # JPEG draft sizes are in stored (pre-rotation) pixels.
+    return (size[1], size[0]) if swapped else size
 
 
 def _pixels(placed: Placed) -> torch.Tensor:
@@ -177,7 +200,7 @@ class SecureObjectDetector(SecureVisionHandler):
     def decode(self, payload: Any, idx: int) -> Placed:
         """Check and decode one image; tensor contract: resize it into batch slot `idx`."""
         opened = self.open_image(payload)
-        width, height = opened.size
+        width, height, swapped = display_size(opened)
         if self.contract == "list":
             return self._keep_size(opened, idx)
         limits: ObjectDetectorLimits = self.limits
@@ -189,19 +212,20 @@ class SecureObjectDetector(SecureVisionHandler):
             scale = min(in_w / width, in_h / height)
             target = (max(1, min(in_w, round(width * scale))),
                       max(1, min(in_h, round(height * scale))))
-        img = self.pixels(opened, target).resize(target, Image.Resampling.BILINEAR)
+        img = self.pixels(opened, _stored(target, swapped))
+        img = img.resize(target, Image.Resampling.BILINEAR)
         slot = self._slots_np[idx]
         if target != (in_w, in_h):
             slot.fill(limits.letterbox_fill)
         slot[: target[1], : target[0]] = np.asarray(img)
         return Placed(idx, width, height, width / target[0], height / target[1])
 
-    def _keep_size(self, opened: Any, idx: int) -> Placed:
+    def _keep_size(self, opened: OpenedImage, idx: int) -> Placed:
         limits: ObjectDetectorLimits = self.limits
-        width, height = opened.size
+        width, height, swapped = display_size(opened)
         scale = min(1.0, limits.max_model_side / max(width, height))
         target = (max(1, math.floor(width * scale)), max(1, math.floor(height * scale)))
-        img = self.pixels(opened, target if scale < 1.0 else None)
+        img = self.pixels(opened, _stored(target, swapped) if scale < 1.0 else None)
         if img.size != target:
             img = img.resize(target, Image.Resampling.BILINEAR)
         pixels = torch.from_numpy(np.array(img))  # a copy: np.asarray of an image is read-only

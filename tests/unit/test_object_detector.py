@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import base64
+import io
 from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image, ImageOps
 from support import build_tiny_classifier, image_bytes
 from support_models import build_detector, iou, scene, write_detector_labels
 
@@ -263,3 +265,29 @@ def test_non_finite_and_negative_label_detections_are_dropped(tmp_path: Path) ->
     [body] = handler.format_outputs((boxes[None], scores[None], labels[None]), [placed])
     assert body == {"detections": [
         {"label": "green", "class": 1, "score": 0.9, "box": [0.0, 0.0, 10.0, 10.0]}]}
+
+
+def _exif_rotated(size: tuple[int, int], shapes: dict, orientation: int) -> bytes:
+    """A JPEG whose stored pixels, turned by its EXIF `orientation`, show `scene(size, shapes)`."""
+    shown = Image.open(io.BytesIO(scene(size, shapes)))
+    undo = {6: Image.Transpose.ROTATE_90, 8: Image.Transpose.ROTATE_270,
+            3: Image.Transpose.ROTATE_180}[orientation]
+    stored = shown.transpose(undo)
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    buf = io.BytesIO()
+    stored.save(buf, format="JPEG", quality=95, exif=exif)
+    assert ImageOps.exif_transpose(Image.open(io.BytesIO(buf.getvalue()))).size == size
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("orientation", [3, 6, 8])
+def test_boxes_follow_the_exif_orientation(detector, orientation: int) -> None:
+    # A phone photo stored sideways: boxes are in the pixels the client sees, not the stored ones.
+    kind, path = detector
+    handler, ctx = make_handler(path, config_for(kind))
+    size, shapes = SCENES[0]
+    [(status, body)] = run_batch(handler, ctx, [
+        Request(bytearray(_exif_rotated(size, shapes, orientation)), "image/jpeg")])
+    assert status == 200
+    assert_matches(body, shapes, size)
