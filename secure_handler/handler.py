@@ -48,8 +48,8 @@ logger = logging.getLogger(__name__)
 JSON_TYPE = "application/json"
 
 
-def _dumps(value: Any) -> str:
-    return json.dumps(value, separators=(",", ":"), allow_nan=False)
+# One encoder for every response: json.dumps with options builds a new encoder per call.
+_dumps = json.JSONEncoder(separators=(",", ":"), allow_nan=False).encode
 
 
 class SecureBaseHandler(BaseHandler, ABC):  # type: ignore[misc]
