@@ -7,7 +7,6 @@ per config, since each costs a TorchScript load.
 from __future__ import annotations
 
 import json
-import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -19,17 +18,6 @@ from support_models import build_text_model, write_text_files
 
 from secure_handler import SecureImageClassifier, SecureTextClassifier
 from secure_handler.testing import make_context
-
-
-def quiet_context(*args: Any, **kw: Any) -> Any:
-    """`make_context`, minus the ResourceWarning of ts 0.12's metrics cache.
-
-    `MetricsCacheYamlImpl.__init__` does `yaml.safe_load(open(path))` and never closes the
-    file; with `filterwarnings = error` that leak fails the test at garbage collection.
-    """
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", category=ResourceWarning, message=r".*metrics\.yaml")
-        return make_context(*args, **kw)
 
 
 @pytest.fixture(scope="session")
@@ -49,7 +37,7 @@ def classifier(model_dir: Path) -> Iterator[Callable[..., Target]]:
     def build(batch_size: int = 8, **config: Any) -> Target:
         key = json.dumps([batch_size, config], sort_keys=True)
         if key not in cache:
-            ctx = quiet_context(model_dir, MANIFEST, {"handler": config}, batch_size=batch_size)
+            ctx = make_context(model_dir, MANIFEST, {"handler": config}, batch_size=batch_size)
             handler = SecureImageClassifier()
             handler.initialize(ctx)
             cache[key] = Target(handler, ctx)
@@ -76,7 +64,7 @@ def text_classifier(text_model_dir: Path) -> Iterator[Callable[..., Target]]:
     def build(batch_size: int = 8, **config: Any) -> Target:
         key = json.dumps([batch_size, config], sort_keys=True)
         if key not in cache:
-            ctx = quiet_context(text_model_dir, MANIFEST, {"handler": config},
+            ctx = make_context(text_model_dir, MANIFEST, {"handler": config},
                                 batch_size=batch_size)
             handler = SecureTextClassifier()
             handler.initialize(ctx)

@@ -16,7 +16,6 @@ import logging
 import re
 import time
 import urllib.request
-import warnings
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -79,9 +78,7 @@ def test_each_refused_row_is_counted_once_under_its_code(tmp_path: Path,
     (tmp_path / "index_to_name.json").write_text(json.dumps(LABELS))
     manifest = {"model": {"modelName": "tiny", "serializedFile": "model.pt",
                           "handler": "handler.py"}}
-    with warnings.catch_warnings():  # ts 0.12's metrics cache leaves metrics.yaml open
-        warnings.filterwarnings("ignore", category=ResourceWarning, message=r".*metrics\.yaml")
-        ctx = make_context(tmp_path, manifest, {"handler": {"max_request_bytes": LIMIT}})
+    ctx = make_context(tmp_path, manifest, {"handler": {"max_request_bytes": LIMIT}})
     handler = SecureImageClassifier()
     handler.initialize(ctx)
     requests = [Request.as_worker(body, ctype) for body, ctype, _ in HOSTILE]

@@ -13,7 +13,6 @@ they never change other suites' Hypothesis settings.
 from __future__ import annotations
 
 import json
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -29,15 +28,8 @@ MANIFEST = {"model": {"modelName": "prop", "serializedFile": "model.pt",
                       "handler": "handler.py", "modelVersion": "1.0"}}
 
 
-def _context(model_dir: Path, config: dict[str, Any]) -> Any:
-    # ts 0.12's MetricsCacheYamlImpl leaves metrics.yaml open (a ResourceWarning).
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", category=ResourceWarning, message=r".*metrics\.yaml")
-        return make_context(model_dir, MANIFEST, {"handler": config}, batch_size=4)
-
-
 def _ready(cls: type[SecureBaseHandler], model_dir: Path, config: dict[str, Any]) -> Loaded:
-    ctx = _context(model_dir, config)
+    ctx = make_context(model_dir, MANIFEST, {"handler": config}, batch_size=4)
     handler = cls()
     handler.initialize(ctx)
     return handler, ctx
