@@ -53,6 +53,20 @@ class _OutputLimits(BaseModel):
     probability_digits: int = Field(4, ge=0, le=10)
 
 
+class _Normalization(BaseModel):
+    """Per-channel `(x - mean) / std` after scaling pixels to 0..1."""
+
+    mean: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    std: tuple[float, float, float] = (1.0, 1.0, 1.0)
+
+    @field_validator("std")
+    @classmethod
+    def _positive_std(cls, value: tuple[float, float, float]) -> tuple[float, float, float]:
+        if any(v <= 0 for v in value):
+            raise ValueError("every std must be > 0")
+        return value
+
+
 class ImageLimits(BaseLimits):
     """Checks on every image, read from the header before any pixel is decoded."""
 
@@ -83,7 +97,7 @@ class ImageLimits(BaseLimits):
         return tuple(dict.fromkeys(value))
 
 
-class ImageClassifierLimits(ImageLimits, _OutputLimits):
+class ImageClassifierLimits(ImageLimits, _OutputLimits, _Normalization):
     """Limits and transform of `SecureImageClassifier` (defaults: ImageNet, 256 → 224)."""
 
     resize_size: int = Field(256, gt=0, le=4096)
@@ -93,12 +107,6 @@ class ImageClassifierLimits(ImageLimits, _OutputLimits):
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
 
-    @field_validator("std")
-    @classmethod
-    def _positive_std(cls, value: tuple[float, float, float]) -> tuple[float, float, float]:
-        if any(v <= 0 for v in value):
-            raise ValueError("every std must be > 0")
-        return value
 
 
 LimitsT = TypeVar("LimitsT", bound=BaseLimits)
@@ -189,7 +197,7 @@ class TextClassifierLimits(TextLimits, _OutputLimits):
 # --- object detection -------------------------------------------------------------------------
 
 
-class ObjectDetectorLimits(ImageLimits):
+class ObjectDetectorLimits(ImageLimits, _Normalization):
     """Model contract, resize and output settings of `SecureObjectDetector`."""
 
     model_contract: Literal["auto", "list", "tensor"] = "auto"
@@ -197,8 +205,6 @@ class ObjectDetectorLimits(ImageLimits):
     resize: Literal["stretch", "letterbox"] = "stretch"
     letterbox_fill: int = Field(114, ge=0, le=255)
     max_model_side: int = Field(1333, gt=0, le=8192)
-    mean: tuple[float, float, float] = (0.0, 0.0, 0.0)
-    std: tuple[float, float, float] = (1.0, 1.0, 1.0)
     score_threshold: float = Field(0.5, ge=0.0, le=1.0)
     max_detections: int = Field(100, gt=0, le=10_000)
     box_digits: int = Field(1, ge=0, le=6)
@@ -216,9 +222,3 @@ class ObjectDetectorLimits(ImageLimits):
             raise ValueError("each side must be between 1 and 2048 pixels")
         return value
 
-    @field_validator("std")
-    @classmethod
-    def _positive_std(cls, value: tuple[float, float, float]) -> tuple[float, float, float]:
-        if any(v <= 0 for v in value):
-            raise ValueError("every std must be > 0")
-        return value
