@@ -1,11 +1,15 @@
 """The gateway's refusals: an HTTP status, a stable code and the handlers' JSON error body.
 
-* GatewayError                      4xx/5xx, body `{"error": {"code", "message"}}`
-  + Unauthorized                    401 unauthorized
+* GatewayError                      any status, body `{"error": {"code", "message"}}`
+  + Unauthorized                    401 unauthorized (with WWW-Authenticate: Bearer)
   + Forbidden                       403 forbidden / forbidden_model_source
   + RateLimited                     429 rate_limited (with Retry-After)
   + UpstreamError                   502 upstream_unavailable / 504 upstream_timeout
-"""
+
+Plain GatewayErrors carry the other codes: 400 malformed_request / empty_body, 404 not_found /
+model_not_found, 405 method_not_allowed, 408 request_timeout, 413 payload_too_large,
+415 unsupported_media_type, 500 internal_error, 503 rate_limiter_unavailable. Codes are a
+public contract, as in `secure_handler.errors`."""
 
 from __future__ import annotations
 
