@@ -124,10 +124,15 @@ class ShapeDetector(nn.Module):
         _, region = torch.unique(ids[fg], return_inverse=True)
         count = int(region.max()) + 1 if region.numel() > 0 else 0
         ys, xs = pixels[:, 0], pixels[:, 1]
-        x1 = torch.full((count,), w, dtype=torch.int64).scatter_reduce(0, region, xs, "amin")
-        y1 = torch.full((count,), h, dtype=torch.int64).scatter_reduce(0, region, ys, "amin")
-        x2 = torch.zeros(count, dtype=torch.int64).scatter_reduce(0, region, xs + 1, "amax")
-        y2 = torch.zeros(count, dtype=torch.int64).scatter_reduce(0, region, ys + 1, "amax")
+        dev = image.device
+        x1 = torch.full((count,), w, dtype=torch.int64, device=dev)
+        x1 = x1.scatter_reduce(0, region, xs, "amin")
+        y1 = torch.full((count,), h, dtype=torch.int64, device=dev)
+        y1 = y1.scatter_reduce(0, region, ys, "amin")
+        x2 = torch.zeros(count, dtype=torch.int64, device=dev)
+        x2 = x2.scatter_reduce(0, region, xs + 1, "amax")
+        y2 = torch.zeros(count, dtype=torch.int64, device=dev)
+        y2 = y2.scatter_reduce(0, region, ys + 1, "amax")
         area = torch.bincount(region, minlength=count)
         spans = ((x1 == 0) & (x2 == w)) | ((y1 == 0) & (y2 == h))
         keep = (area >= self.min_area) & ~spans

@@ -32,6 +32,8 @@ from PIL import Image
 
 from secure_handler.testing import Request, make_context, run_batch
 
+pytestmark = pytest.mark.slow  # five model builds, about 30 s on 2 cores
+
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 MANIFEST = {"model": {"modelName": "example", "serializedFile": "model.pt",
                       "handler": "handler.py", "modelVersion": "1.0"}}
