@@ -2,8 +2,10 @@
 
 `make_scene(seed, width, height)` returns the image and the ground truth: one box
 `[x1, y1, x2, y2]` (pixel edges, so a shape covering columns 10..19 has x1 = 10, x2 = 20) and
-one class index per shape. Shapes never overlap and keep a margin from the border; together
-they cover at most 40% of the image's central half, where the detector reads the background.
+one class index per shape. Half the shapes are stretched by up to 1.3x along one axis (a
+"square" may be a rectangle, a "circle" an ellipse, a triangle is always isosceles with its
+base down). Shapes never overlap and keep a margin from the border; together they cover at
+most 40% of the image's central half, where the detector reads the background.
 
 `resize_input(image, side, mode)` is a plain reference of the handler's resize (stretch, or
 letterbox at the top left), and `iou(a, b)` scores boxes; tests use both to check the detector.
