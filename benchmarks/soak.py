@@ -15,8 +15,9 @@ error code. Every server is stopped at the end.
 
 Models: `tiny` (default) is the test suite's image classifier (dominant colour) and keyword
 text classifier, whose right answers are known, so a wrong answer is visible; `examples`
-trains examples/image_classifier and examples/text_classifier with `--quick`, and each valid
-request must then keep the label it got during warm-up.
+trains examples/image_classifier and examples/text_classifier with `--quick` and archives
+each with its own handler.py, model-config.yaml and labels; each valid request must then keep
+the label it got during warm-up.
 
 Reported (and judged; the exit code is 1 when a criterion fails):
 
@@ -40,6 +41,7 @@ import json
 import os
 import random
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -54,6 +56,7 @@ from pathlib import Path
 from typing import Any
 
 import psutil
+import yaml
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -115,7 +118,8 @@ def _unknown_labels(cases: list[Case]) -> list[Case]:
     return [replace(c, expect="") for c in cases]
 
 
-def image_cases(examples: bool = False) -> tuple[list[Case], list[Case]]:
+def image_cases(examples: bool = False, limit: int = IMAGE_LIMIT
+                ) -> tuple[list[Case], list[Case]]:
     """Valid and hostile requests for the image classifier (model "img").
 
     Labels are the tiny model's (dominant colour); for the example model they are pinned at
@@ -165,7 +169,7 @@ def image_cases(examples: bool = False) -> tuple[list[Case], list[Case]]:
         Case("json-nested", "img", b"[" * 50_000 + b"]" * 50_000, "application/json", 400,
              "malformed_request"),
         Case("empty", "img", b"", "image/jpeg", 400, "empty_body"),
-        Case("oversize", "img", b"\xff\xd8\xff" + b"\x00" * (IMAGE_LIMIT + 1), "image/jpeg",
+        Case("oversize", "img", b"\xff\xd8\xff" + b"\x00" * (limit + 1), "image/jpeg",
              413, "payload_too_large"),
         Case("form-data-and-body", "img", *_form({"body": red, "data": b"x"}), 400,
              "malformed_request"),
@@ -238,24 +242,34 @@ def _build_example(folder: str, out: Path) -> Path:
     return out
 
 
-def build_example_store(work: Path) -> tuple[Path, list[ModelSpec]]:
-    """The image and text example models (trained locally, --quick), archived as img/txt.
+def _example_mar(store: Path, work: Path, folder: str, name: str) -> int:
+    """Build and archive one example with its own handler.py, model-config.yaml and labels.
 
+    Returns the example's `max_request_bytes`, which the oversize case must exceed.
+    """
+    src = ROOT / "examples" / folder
+    built = _build_example(folder, work / f"ex-{name}")
+    config = yaml.safe_load((src / "model-config.yaml").read_text("utf-8"))
+    extra = sorted(built.glob("*.json")) + sorted(src.glob("index_to_name.json"))
+    # archive_mar writes the config next to the handler: keep both out of the repository.
+    handler = shutil.copy(src / "handler.py", built / "handler.py")
+    archive_mar(store, name, built / "model.pt", Path(handler), extra, config)
+    return int(config["handler"]["max_request_bytes"])
+
+
+def build_example_store(work: Path) -> tuple[Path, list[ModelSpec], int]:
+    """The image and text examples (trained locally with --quick) as img and txt.
+
+    Each is archived with its folder's handler.py, model-config.yaml and index_to_name.json.
     Their right answers are not known here, so a valid request must give the same top-1
-    label under load as it gave during warm-up (see `baseline`).
+    label under load as it gave during warm-up (see `baseline`). Returns the image limit.
     """
     store = work / "store"
-    img = _build_example("image_classifier", work / "ex-img")
-    handler = write_image_handler(img)
-    archive_mar(store, "img", img / "model.pt", handler, sorted(img.glob("*.json")),
-                {"handler": {"max_request_bytes": IMAGE_LIMIT}})
-    txt = _build_example("text_classifier", work / "ex-txt")
-    text_handler = write_image_handler(txt, base="SecureTextClassifier")
-    archive_mar(store, "txt", txt / "model.pt", text_handler, sorted(txt.glob("*.json")),
-                {"handler": {"max_request_bytes": TEXT_LIMIT}})
+    image_limit = _example_mar(store, work, "image_classifier", "img")
+    _example_mar(store, work, "text_classifier", "txt")
     specs = [ModelSpec("img", "img.mar", batch_size=8, max_batch_delay_ms=10),
              ModelSpec("txt", "txt.mar", batch_size=8, max_batch_delay_ms=10)]
-    return store, specs
+    return store, specs, image_limit
 
 
 @dataclass
@@ -570,8 +584,11 @@ def baseline(client: Client, valid: Sequence[Case], rounds: int = 5) -> list[Cas
 
 def soak(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     examples = args.models == "examples"
-    store, specs = build_example_store(work) if examples else build_store(work)
-    img_valid, img_hostile = image_cases(examples)
+    if examples:
+        store, specs, image_limit = build_example_store(work)
+    else:
+        (store, specs), image_limit = build_store(work), IMAGE_LIMIT
+    img_valid, img_hostile = image_cases(examples, image_limit)
     txt_valid, txt_hostile = text_cases(examples)
     valid, hostile = img_valid + txt_valid, img_hostile + txt_hostile
     server = start_server(work, store, specs)
