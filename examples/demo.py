@@ -749,12 +749,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 @contextlib.contextmanager
 def stop_signals_raise() -> Iterator[None]:
-    """SIGTERM (and SIGHUP) behave like Ctrl-C, so `finally` stops the servers."""
+    """SIGINT, SIGTERM and SIGHUP raise KeyboardInterrupt, so `finally` stops the servers
+    (also when a shell started the demo in the background with SIGINT ignored)."""
 
     def interrupt(signum: int, frame: FrameType | None) -> None:
         raise KeyboardInterrupt
 
-    previous = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    sigs = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    previous = {sig: signal.signal(sig, interrupt) for sig in sigs}
     try:
         yield
     finally:
@@ -776,6 +778,8 @@ def signals_ignored() -> Iterator[None]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    if isinstance(sys.stdout, io.TextIOWrapper):
+        sys.stdout.reconfigure(line_buffering=True)  # progress shows live through a pipe too
     started = time.monotonic()
     temp = args.workdir is None
     work = Path(tempfile.mkdtemp(prefix="secure-handler-demo-")) if temp else args.workdir
