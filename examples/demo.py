@@ -248,8 +248,13 @@ class Demo:
                     print(f"\n  {ex.folder}: reusing {self.shown(str(out / 'model.pt'))}")
                     continue
                 jobs.append((ex, out, *self.start_build(ex, out)))
-            for ex, out, proc, started in jobs:
-                self.finish_build(ex, out, proc, started)
+            pending = list(jobs)
+            while pending:  # report each build as it ends, in the order they end
+                done = [job for job in pending if job[2].poll() is not None]
+                for job in done:
+                    pending.remove(job)
+                    self.finish_build(*job)
+                time.sleep(0.2)
         finally:
             for _, _, proc, _ in jobs:  # only left running when a build failed or on Ctrl-C
                 if proc.poll() is None:
