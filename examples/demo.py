@@ -195,7 +195,7 @@ class Demo:
     def __init__(self, args: argparse.Namespace, work: Path) -> None:
         self.args = args
         self.work = work
-        self.examples: Path = args.examples.resolve()
+        self.examples: Path = args.examples
         self.store = work / "model-store"
         self.lock = work / "models.lock"
         self.config = work / "config.properties"
@@ -789,6 +789,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     temp = args.workdir is None
     work = Path(tempfile.mkdtemp(prefix="secure-handler-demo-")) if temp else args.workdir
     work = work.resolve()
+    args.examples = args.examples.resolve()  # before the chdir below
     work.mkdir(parents=True, exist_ok=True)
     os.chdir(work)  # the CLI commands are shown (and run) with paths relative to it
     print(f"secure-handler demo in {work}")
