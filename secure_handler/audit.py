@@ -24,7 +24,6 @@ import contextlib
 import difflib
 import io
 import json
-import math
 import os
 import re
 import shlex
@@ -37,8 +36,8 @@ from typing import Any, Literal
 from .properties import Entry, entries, launcher_view
 from .tsconfig import (
     DEFAULT_ALLOWED_URLS,
-    FRONTEND_SLACK,
     HandlerLimits,
+    frontend_request_limit,
     is_loopback,
     store_allowed_urls,
 )
@@ -522,9 +521,9 @@ def _image_pixels(ctx: AuditContext) -> Iterator[ConfigFinding]:
 
 
 def _size_bound(limits: HandlerLimits) -> int:
-    # Base64 in a text/* body is legitimate and 4/3 the size; anything above is refused by
-    # the handler anyway, after the frontend has buffered it.
-    return math.ceil(limits.max_request_bytes * 4 / 3) + FRONTEND_SLACK
+    # Anything above what the generated config allows is refused by the handler anyway,
+    # after the frontend has buffered it.
+    return frontend_request_limit(limits.max_request_bytes)
 
 
 @_rule
@@ -545,7 +544,7 @@ def _sizes(ctx: AuditContext) -> Iterator[ConfigFinding]:
             yield _f("low", key, f"{size} bytes is below the handlers' max_request_bytes "
                      f"({ctx.limits.max_request_bytes}): large valid requests get Netty's bare "
                      "413 instead of the handler's JSON error.",
-                     f"Set {key}={ctx.limits.max_request_bytes + FRONTEND_SLACK}.", ctx=ctx)
+                     f"Set {key}={bound}.", ctx=ctx)
 
 
 @_rule

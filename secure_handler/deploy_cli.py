@@ -452,7 +452,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     workdir.mkdir(parents=True, exist_ok=True)
     config = args.config.resolve() if args.config else _generate_config(args, workdir, lock)
     server = TorchServe(config, store, workdir, env=_server_env(lock))
-    findings = audit_file(config, cmdline=server.command(), environ=_launch_environ(server),
+    findings = audit_file(config, cmdline=server.command(), environ=server.environment(),
                           model_limits=store_limits(store), model_store=store)
     if blocking(findings):
         print(f"refusing to start with {config}:", file=sys.stderr)
@@ -462,14 +462,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
     state = _start(server, props, args, lock, state_file)
     _print_started(state, state_file, findings, args.json)
     return _supervise(server, state_file) if args.foreground else EXIT_OK
-
-
-def _launch_environ(server: TorchServe) -> dict[str, str]:
-    """The environment torchserve gets (as `TorchServe.start` builds it)."""
-    tmp = server.workdir / "tmp"
-    logs = str(server.workdir / "logs")
-    return {**os.environ, "TMPDIR": str(tmp), "LOG_LOCATION": logs, "METRICS_LOCATION": logs,
-            **server.env}
 
 
 def _start(server: TorchServe, props: Mapping[str, str], args: argparse.Namespace,
@@ -515,11 +507,11 @@ def spawn_detached(server: TorchServe) -> tuple[int, int]:
     problem = _java_problem()
     if problem:
         raise TorchServeError(problem)
-    (server.workdir / "tmp").mkdir(parents=True, exist_ok=True)
+    env = server.prepare()
     script = 'log=$1; shift; "$@" </dev/null >>"$log" 2>&1 & echo $!'
     launcher = subprocess.Popen(
         ["/bin/sh", "-c", script, "sh", str(server.log_path), *server.command()],
-        cwd=server.workdir, env=_launch_environ(server), stdin=subprocess.DEVNULL,
+        cwd=server.workdir, env=env, stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, start_new_session=True,
     )
     out, _ = launcher.communicate(timeout=30)

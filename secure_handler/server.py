@@ -94,14 +94,27 @@ class TorchServe:
     def key_file(self) -> Path:
         return self.workdir / "key_file.json"
 
+    def environment(self) -> dict[str, str]:
+        """The environment torchserve gets: its own TMPDIR (pid file) and log folders."""
+        logs = str(self.workdir / "logs")
+        return {**os.environ, "TMPDIR": str(self.workdir / "tmp"), "LOG_LOCATION": logs,
+                "METRICS_LOCATION": logs, **self.env}
+
+    def prepare(self) -> dict[str, str]:
+        """Make the working directory ready to start in; return `environment()`.
+
+        A `key_file.json` left by an earlier run holds dead tokens that would be read as this
+        run's, so it is removed; TorchServe writes a fresh one at start.
+        """
+        (self.workdir / "tmp").mkdir(parents=True, exist_ok=True)
+        self.key_file.unlink(missing_ok=True)
+        return self.environment()
+
     def start(self) -> TorchServe:
         problem = java_problem()
         if problem:
             raise TorchServeError(problem)
-        tmp = self.workdir / "tmp"
-        tmp.mkdir(parents=True, exist_ok=True)
-        env = {**os.environ, "TMPDIR": str(tmp), "LOG_LOCATION": str(self.workdir / "logs")}
-        env.update({"METRICS_LOCATION": str(self.workdir / "logs"), **self.env})
+        env = self.prepare()
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(
                 self.command(), cwd=self.workdir, env=env, stdin=subprocess.DEVNULL,

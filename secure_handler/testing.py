@@ -30,7 +30,7 @@ class Request:
 
     body: Any
     content_type: str = "application/octet-stream"
-    headers: Mapping[str, str] | None = None
+    headers: Mapping[str, Any] | None = None
     params: Mapping[str, Any] | None = None  # query parameters or form fields
 
     def row(self) -> dict[str, Any]:

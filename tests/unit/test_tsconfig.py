@@ -15,7 +15,6 @@ from secure_handler.audit import audit_file
 from secure_handler.cli import main
 from secure_handler.properties import load
 from secure_handler.tsconfig import (
-    FRONTEND_SLACK,
     HandlerLimits,
     ModelSpec,
     Ports,
@@ -51,7 +50,7 @@ def test_hardened_properties_are_loopback_and_locked_down(tmp_path: Path) -> Non
     assert props["disable_token_authorization"] == "false"
     assert props["enable_model_api"] == "false"
     assert props["install_py_dep_per_model"] == props["enable_envvars_config"] == "false"
-    assert props["max_request_size"] == str(1000 + FRONTEND_SLACK)
+    assert props["max_request_size"] == str(66870)  # ceil(1000 * 4 / 3) + 64 KiB: room for base64
     assert json.loads(props["models"])["m"]["1.0"]["batchSize"] == 4
     assert props["load_models"] == "m=m.mar"
 
@@ -132,7 +131,7 @@ def test_config_command_writes_a_config_that_audits_clean(
     assert "--ncs" in command
     assert command[command.index("--ts-config") + 1] == str(out.resolve())
     props = load(out)
-    assert props["max_request_size"] == str(2_000_000 + FRONTEND_SLACK)
+    assert props["max_request_size"] == str(2732203)  # ceil(2_000_000 * 4 / 3) + 64 KiB: room for base64
     models = json.loads(props["models"])
     assert models["small"]["1.0"]["batchSize"] == 4  # capped at the handler's max_batch_size
     assert models["big"]["2.1"]["batchSize"] == 8
@@ -150,7 +149,7 @@ def test_config_command_selected_models_and_human_output(
     assert "torchserve --start --ncs --ts-config" in text
     props = load(out)
     assert props["load_models"] == "tiny=small.mar"
-    assert props["max_request_size"] == str(5000 + FRONTEND_SLACK)
+    assert props["max_request_size"] == str(72203)  # ceil(5000 * 4 / 3) + 64 KiB: room for base64
     assert props["inference_address"] != "http://127.0.0.1:8080"
 
 
@@ -195,6 +194,6 @@ def test_config_command_reads_handler_limits_from_a_file(store: Path, tmp_path: 
     assert main(["config", "--model-store", str(store), "--handler-limits", str(limits),
                  "--out", str(out)]) == 0
     props = load(out)
-    assert props["max_request_size"] == str(7000 + FRONTEND_SLACK)
+    assert props["max_request_size"] == str(74870)  # ceil(7000 * 4 / 3) + 64 KiB: room for base64
     assert {v["batchSize"] for m in json.loads(props["models"]).values()
             for v in m.values()} == {2}
