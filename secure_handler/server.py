@@ -189,8 +189,12 @@ def http_json(method: str, url: str, token: str | None = None, timeout: float = 
     req = urllib.request.Request(url, method=method)
     if token:
         req.add_header("Authorization", f"Bearer {token}")
-    with urllib.request.urlopen(req, timeout=timeout) as resp:
-        return json.loads(resp.read().decode("utf-8"))
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:  # loopback only
+            return json.loads(resp.read().decode("utf-8"))
+    except urllib.error.HTTPError as err:
+        err.close()  # an HTTPError holds the response's socket until closed
+        raise
 
 
 def is_http_error(exc: BaseException, status: int) -> bool:

@@ -160,7 +160,8 @@ def post(url: str, body: bytes, content_type: str = "application/octet-stream",
         with urllib.request.urlopen(req, timeout=timeout) as resp:
             status, raw = resp.status, resp.read()
     except urllib.error.HTTPError as err:
-        status, raw = err.code, err.read()
+        with err:  # an HTTPError holds the response's socket until closed
+            status, raw = err.code, err.read()
     try:
         return status, json.loads(raw)
     except ValueError:

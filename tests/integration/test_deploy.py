@@ -110,6 +110,7 @@ def test_calls_without_a_token_are_refused(served: ServeState) -> None:
                       (served.management_url + "/models", None)):
         with pytest.raises(urllib.error.HTTPError) as info:
             urllib.request.urlopen(urllib.request.Request(url, data=data), timeout=30)
+        info.value.close()  # the HTTPError holds the response's socket
         assert info.value.code == 400  # TorchServe's InvalidKeyException
     with Client(served.inference_url, token="not-the-token") as client, \
             pytest.raises(Unauthorized):
