@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
@@ -307,6 +308,13 @@ def prepare(tmp: Path, names: Sequence[str], loads: dict[str, Load], stock_venv:
     return Bench(tmp, store, image, build_models(tmp / "src", names), loads, stock_venv, env)
 
 
+def _setting(text: str) -> tuple[str, Any]:
+    key, _, value = text.partition("=")
+    if not key.isidentifier():
+        raise argparse.ArgumentTypeError(f"not a limit name: {key!r}")
+    return key, yaml.safe_load(value)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer requests (smoke test)")
@@ -317,6 +325,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--omp-threads", type=int, default=None,
                         help="OMP_NUM_THREADS for both servers' workers (default: unset, "
                              "torch's own choice, as a stock deployment has)")
+    parser.add_argument("--ours", action="append", type=_setting, default=[],
+                        metavar="KEY=VALUE",
+                        help="limit set on our handler class, e.g. resampler=torch")
     args = parser.parse_args(argv)
     env = {"OMP_NUM_THREADS": str(args.omp_threads)} if args.omp_threads else {}
     names = [n for n in args.models.split(",") if n]
@@ -328,7 +339,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         tmp = Path(tmp_s)
         bench = prepare(tmp, names, loads, args.stock_venv, env)
         handler = tmp / "src" / "handler.py"
-        handler.write_text(OUR_HANDLER, "utf-8")
+        overrides = "".join(f"    {k} = {v!r}\n" for k, v in args.ours)
+        handler.write_text(OUR_HANDLER + ("\n" + overrides if overrides else ""), "utf-8")
         ours: dict[str, AbResult] = {}
         if "ours" not in args.skip:
             print("ours ...", flush=True)

@@ -28,6 +28,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import yaml
 from PIL import Image
 
 HERE = Path(__file__).resolve().parent
@@ -137,7 +138,8 @@ def measure_stock(sets: Mapping[str, Sequence[bytes]], batch: int, repeats: int,
 # --- (c) ours ---------------------------------------------------------------------------------
 
 
-def _ours_handler(tmp: Path, batch: int) -> tuple[Any, Any]:
+def _ours_handler(tmp: Path, batch: int,
+                  config: Mapping[str, Any] | None = None) -> tuple[Any, Any]:
     """A `SecureImageClassifier` initialised through TorchServe's real Context, tiny model."""
     from models import TinyModel, save_scripted
 
@@ -148,7 +150,7 @@ def _ours_handler(tmp: Path, batch: int) -> tuple[Any, Any]:
     manifest = {"runtime": "python", "model": {
         "modelName": "ours", "serializedFile": "model.pt", "handler": "handler.py",
         "modelVersion": "1.0"}}
-    ctx = make_context(tmp, manifest=manifest, model_yaml_config={"handler": {}},
+    ctx = make_context(tmp, manifest=manifest, model_yaml_config={"handler": dict(config or {})},
                        batch_size=batch, model_name="ours")
     handler = SecureImageClassifier()
     handler.initialize(ctx)
@@ -156,26 +158,26 @@ def _ours_handler(tmp: Path, batch: int) -> tuple[Any, Any]:
 
 
 def _ours_preprocess(handler: Any, ctx: Any) -> Callable[[list[dict[str, Any]]], object]:
-    """The function that turns one batch of rows into the model's input tensor.
+    """Our preprocessing, exactly as `handle()` runs it: `decode_rows` (every check, on the
+    decode pool when `decode_threads` is set), then `assemble` of the valid items."""
+    from secure_handler.errors import SecureHandlerError
 
-    TODO(lead): name the handler's preprocessing entry point. Until it exists we use the
-    placeholder `preprocess_batch(rows, ctx)`, else compose the current hooks exactly as
-    `SecureBaseHandler.handle` does (read_payload → decode per row, then assemble).
-    """
-    hook = getattr(handler, "preprocess_batch", None)
-    if hook is not None:
-        return lambda rows: hook(rows, ctx)
-
-    def composed(rows: list[dict[str, Any]]) -> object:
+    def preprocess(rows: list[dict[str, Any]]) -> object:
         handler.context = ctx
-        items = [handler.decode(handler.read_payload(row, i), i) for i, row in enumerate(rows)]
+        items = [o for o in handler.decode_rows(rows) if not isinstance(o, SecureHandlerError)]
         return handler.assemble(items)
 
-    return composed
+    return preprocess
+
+
+def _setting(text: str) -> tuple[str, Any]:
+    key, _, value = text.partition("=")
+    return key, yaml.safe_load(value)
 
 
 def measure_ours(
-    sets: Mapping[str, Sequence[bytes]], batch: int = 8, repeats: int = 5
+    sets: Mapping[str, Sequence[bytes]], batch: int = 8, repeats: int = 5,
+    config: Mapping[str, Any] | None = None,
 ) -> dict[str, Rate] | str:
     """Rates of our preprocessing (all validation on), or a note saying why it was skipped."""
     try:
@@ -187,7 +189,7 @@ def measure_ours(
     results: dict[str, Rate] = {}
     with tempfile.TemporaryDirectory(prefix="bench-ours-") as tmp:
         try:
-            handler, ctx = _ours_handler(Path(tmp), batch)
+            handler, ctx = _ours_handler(Path(tmp), batch, config)
         except (ImportError, AttributeError, TypeError) as exc:
             return f"ours skipped: handler not available ({type(exc).__name__}: {exc})"
         preprocess = _ours_preprocess(handler, ctx)
@@ -262,6 +264,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--stock-venv", type=Path, default=DEFAULT_STOCK_VENV)
     parser.add_argument("--skip", action="append", default=[], choices=["stock", "ours"])
+    parser.add_argument("--ours", action="append", type=_setting, default=[],
+                        metavar="KEY=VALUE",
+                        help="handler config for ours, e.g. resampler=torch decode_threads=2")
     parser.add_argument("--json", type=Path, help="also write all figures here")
     parser.add_argument("--torch-threads", type=int, default=None,
                         help="torch intra-op threads for stock and ours (default: torch's, "
@@ -285,7 +290,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     stock, stock_versions = (stock_out if not isinstance(stock_out, str) else (stock_out, {}))
     print("ours ...", flush=True)
     ours = ("ours skipped (--skip ours)" if "ours" in args.skip
-            else measure_ours(sets, args.batch, args.repeats))
+            else measure_ours(sets, args.batch, args.repeats, dict(args.ours)))
     print(f"environment: {env}; stock: {stock_versions}")
     ratios = report(sets, floor, stock, ours)
     if args.json:

@@ -78,7 +78,9 @@ class ImageLimits(BaseLimits):
     allowed_formats: tuple[ImageFormat, ...] = ("PNG", "JPEG")
     animated: Literal["reject", "first_frame"] = "reject"
     max_frames: int = Field(100, gt=0, le=100_000)
-    decode_threads: int = Field(0, ge=0, le=64)
+    # Rows of a batch decode in parallel (Pillow and torch release the GIL): measured 1.4x
+    # end to end on 2 cores with the tiny model; 0 decodes on the worker's thread.
+    decode_threads: int = Field(2, ge=0, le=64)
 
     @field_validator("allowed_formats", mode="before")
     @classmethod
@@ -102,8 +104,9 @@ class ImageClassifierLimits(ImageLimits, _OutputLimits, _Normalization):
 
     resize_size: int = Field(256, gt=0, le=4096)
     crop_size: int = Field(224, gt=0, le=4096)
-    # Who resamples the crop box: Pillow (single-threaded C) or torch's SIMD uint8 kernel.
-    resampler: Literal["pillow", "torch"] = "pillow"
+    # Who resamples the crop box: torch's antialiased uint8 kernel (SIMD; measured 0.8 vs
+    # 1.9 ms per 500x375 JPEG here) or Pillow's bilinear.
+    resampler: Literal["pillow", "torch"] = "torch"
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
 

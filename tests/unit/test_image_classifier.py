@@ -214,8 +214,10 @@ def test_model_sha256_pin(model_dir: Path) -> None:
     assert handler.initialized
 
 
-def test_decode_pool_gives_the_same_answers(model_dir: Path) -> None:
-    handler, ctx = make_handler(model_dir, {"decode_threads": 2})
+@pytest.mark.parametrize("threads", [0, 1, 2])
+def test_decode_on_the_worker_thread_or_a_pool_gives_the_same_answers(model_dir: Path, threads: int) -> None:
+    handler, ctx = make_handler(model_dir, {"decode_threads": threads})
+    assert (handler._pool is None) == (threads == 0)
     requests = [Request(bytearray(image_bytes(c)), "image/jpeg") for c in ("red", "green", "blue")]
     requests.append(Request(bytearray(b"\xff\xd8\xff\x00"), "image/jpeg"))
     results = run_batch(handler, ctx, requests)
