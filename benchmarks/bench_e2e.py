@@ -26,16 +26,11 @@ Servers run one at a time and are always stopped.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
-import re
-import shutil
 import subprocess
 import sys
 import tempfile
-import urllib.error
-import urllib.request
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -49,6 +44,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(1, str(HERE.parent))
 
+from _ab import AbResult, Load, check_prediction, run_ab  # noqa: E402
 from corpus import KINDS, make_image  # noqa: E402
 from models import TinyModel, resnet18, save_scripted  # noqa: E402
 
@@ -56,7 +52,6 @@ from secure_handler.server import TorchServe, free_port  # noqa: E402
 from secure_handler.tsconfig import ModelSpec, Ports, hardened_properties, render_properties  # noqa: E402
 
 DEFAULT_STOCK_VENV = HERE / ".venv-stock"
-CONCURRENCY = 16
 BATCH = 8
 MAX_BATCH_DELAY_MS = 5
 TARGET_TINY_VS_STOCK = 2.0
@@ -72,30 +67,8 @@ class BenchHandler(SecureImageClassifier):
 '''
 
 
-@dataclass
-class Load:
-    """One ApacheBench run."""
-
-    requests: int
-    time_limit_s: int
-
-
 LOADS = {"tiny": Load(3000, 60), "resnet18": Load(400, 120)}
 QUICK_LOADS = {"tiny": Load(600, 30), "resnet18": Load(80, 60)}
-
-
-@dataclass
-class AbResult:
-    requests_per_s: float
-    p50_ms: float
-    p99_ms: float
-    complete: int
-    failed: int
-    non_2xx: int
-    raw: str = field(repr=False, default="")
-
-    def to_json(self) -> dict[str, Any]:
-        return {k: v for k, v in self.__dict__.items() if k != "raw"}
 
 
 @dataclass
@@ -176,54 +149,6 @@ def serve(kind: str, workdir: Path, store: Path, mars: dict[str, str],
         for spec in specs:
             server.wait_ready(mgmt, spec.name, timeout=300)
         yield f"http://127.0.0.1:{ports.inference}", server.keys()["inference"]
-
-
-def check_prediction(url: str, token: str, body: bytes) -> str:
-    """One request before timing: the model must answer 200 with predictions."""
-    req = urllib.request.Request(url, data=body, method="POST")
-    req.add_header("Content-Type", "image/jpeg")
-    req.add_header("Authorization", f"Bearer {token}")
-    try:
-        with urllib.request.urlopen(req, timeout=60) as resp:  # loopback only
-            text: str = resp.read().decode("utf-8", "replace")
-    except urllib.error.HTTPError as err:
-        raise RuntimeError(f"{url}: HTTP {err.code}: {err.read()[:300]!r}") from err
-    return text[:160].replace("\n", " ")
-
-
-def run_ab(url: str, token: str, image: Path, load: Load, workdir: Path) -> AbResult:
-    ab = shutil.which("ab")
-    if ab is None:
-        raise RuntimeError("ApacheBench missing: apt-get install -y apache2-utils")
-    pct = workdir / "ab-percentiles.csv"
-    # -t before -n: ab's -t resets the request count, a later -n sets it again.
-    cmd = [ab, "-k", "-q", "-l", "-s", "60", "-c", str(CONCURRENCY), "-t", str(load.time_limit_s),
-           "-n", str(load.requests), "-p", str(image), "-T", "image/jpeg",
-           "-H", f"Authorization: Bearer {token}", "-e", str(pct), url]
-    proc = subprocess.run(cmd, capture_output=True, text=True, check=False,
-                          timeout=load.time_limit_s + 120)
-    if proc.returncode != 0:
-        raise RuntimeError(f"ab failed ({proc.returncode}): {proc.stderr.strip()[-500:]}")
-    return parse_ab(proc.stdout, pct.read_text("utf-8"))
-
-
-def _field(pattern: str, text: str, default: float = 0.0) -> float:
-    match = re.search(pattern, text)
-    return float(match.group(1)) if match else default
-
-
-def parse_ab(stdout: str, percentiles_csv: str) -> AbResult:
-    """req/s and failure counts from ab's report; p50/p99 from its `-e` percentile CSV."""
-    pct = {int(float(row[0])): float(row[1])
-           for row in csv.reader(percentiles_csv.splitlines()[1:]) if len(row) == 2}
-    return AbResult(
-        requests_per_s=_field(r"Requests per second:\s+([\d.]+)", stdout),
-        p50_ms=pct[50], p99_ms=pct[99],
-        complete=int(_field(r"Complete requests:\s+(\d+)", stdout)),
-        failed=int(_field(r"Failed requests:\s+(\d+)", stdout)),
-        non_2xx=int(_field(r"Non-2xx responses:\s+(\d+)", stdout)),
-        raw=stdout,
-    )
 
 
 # --- main -------------------------------------------------------------------------------------

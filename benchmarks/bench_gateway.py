@@ -28,10 +28,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import csv
 import json
 import os
-import re
 import shutil
 import signal
 import statistics
@@ -44,7 +42,7 @@ import urllib.parse
 import urllib.request
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +52,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(1, str(HERE.parent))
 
+from _ab import CONCURRENCY, AbResult, Load, check_prediction, run_ab  # noqa: E402
 from corpus import KINDS, make_image  # noqa: E402
 from models import TinyModel, save_scripted  # noqa: E402
 
@@ -61,7 +60,6 @@ from secure_handler.gateway.keys import generate_key, hash_key  # noqa: E402
 from secure_handler.server import TorchServe, free_port  # noqa: E402
 from secure_handler.tsconfig import ModelSpec, Ports, hardened_properties, render_properties  # noqa: E402
 
-CONCURRENCY = 16
 BATCH = 8
 MAX_BATCH_DELAY_MS = 5
 CLASSES = 10  # TinyModel's logits
@@ -74,27 +72,6 @@ from secure_handler import SecureImageClassifier
 class BenchHandler(SecureImageClassifier):
     """Exactly what a user writes."""
 '''
-
-
-@dataclass(frozen=True)
-class Load:
-    """One ApacheBench run: at most `requests` requests and at most `time_limit_s` seconds."""
-
-    requests: int
-    time_limit_s: int
-
-
-@dataclass(frozen=True)
-class AbResult:
-    requests_per_s: float
-    p50_ms: float
-    p99_ms: float
-    complete: int
-    failed: int
-    non_2xx: int
-
-    def to_json(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 LOAD, ROUNDS = Load(600, 30), 8
@@ -122,35 +99,6 @@ def build_archive(src: Path, store: Path) -> str:
 
 
 # --- load -------------------------------------------------------------------------------------
-
-
-def check_prediction(url: str, token: str, body: bytes) -> str:
-    """One request before timing: the model must answer 200."""
-    req = urllib.request.Request(url, data=body, method="POST")
-    req.add_header("Content-Type", "image/jpeg")
-    req.add_header("Authorization", f"Bearer {token}")
-    try:
-        with urllib.request.urlopen(req, timeout=60) as resp:  # loopback only
-            return str(resp.read().decode("utf-8", "replace"))[:120]
-    except urllib.error.HTTPError as err:
-        raise RuntimeError(f"{url}: HTTP {err.code}: {err.read()[:300]!r}") from err
-
-
-def run_ab(url: str, token: str, image: Path, load: Load, workdir: Path) -> AbResult:
-    """ApacheBench with keep-alive (`-k`: without it ab hangs against TorchServe)."""
-    ab = shutil.which("ab")
-    if ab is None:
-        raise RuntimeError("ApacheBench missing: apt-get install -y apache2-utils")
-    pct = workdir / "ab-percentiles.csv"
-    # -t before -n: -t resets the request count, the later -n sets it again.
-    cmd = [ab, "-k", "-q", "-l", "-s", "60", "-c", str(CONCURRENCY), "-t", str(load.time_limit_s),
-           "-n", str(load.requests), "-p", str(image), "-T", "image/jpeg",
-           "-H", f"Authorization: Bearer {token}", "-e", str(pct), url]
-    proc = subprocess.run(cmd, capture_output=True, text=True, check=False,
-                          timeout=load.time_limit_s + 120)
-    if proc.returncode != 0:
-        raise RuntimeError(f"ab failed ({proc.returncode}): {proc.stderr.strip()[-500:]}")
-    return parse_ab(proc.stdout, pct.read_text("utf-8"))
 
 
 class _Budget:
@@ -238,24 +186,6 @@ def run_keepalive(url: str, token: str, image: Path, load: Load, workdir: Path) 
         p99_ms=ranked[min(len(ranked) - 1, int(len(ranked) * 0.99))] * 1000,
         complete=len(statuses), failed=failed,
         non_2xx=sum(not 200 <= s < 300 for s in statuses),
-    )
-
-
-def _field(pattern: str, text: str) -> float:
-    match = re.search(pattern, text)
-    return float(match.group(1)) if match else 0.0
-
-
-def parse_ab(stdout: str, percentiles_csv: str) -> AbResult:
-    """req/s and failures from ab's report; p50/p99 from its `-e` percentile CSV."""
-    pct = {int(float(row[0])): float(row[1])
-           for row in csv.reader(percentiles_csv.splitlines()[1:]) if len(row) == 2}
-    return AbResult(
-        requests_per_s=_field(r"Requests per second:\s+([\d.]+)", stdout),
-        p50_ms=pct[50], p99_ms=pct[99],
-        complete=int(_field(r"Complete requests:\s+(\d+)", stdout)),
-        failed=int(_field(r"Failed requests:\s+(\d+)", stdout)),
-        non_2xx=int(_field(r"Non-2xx responses:\s+(\d+)", stdout)),
     )
 
 
