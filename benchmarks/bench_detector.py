@@ -29,7 +29,6 @@ import statistics
 import sys
 import tempfile
 import time
-import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -46,6 +45,7 @@ from corpus import make_corpus, mixed  # noqa: E402
 from ts.context import RequestProcessor  # noqa: E402
 
 from secure_handler import SecureObjectDetector  # noqa: E402
+from secure_handler.loading import save_torchscript  # noqa: E402
 from secure_handler.testing import Request, make_context, run_batch  # noqa: E402
 
 BATCH_SIZES = (1, 8)
@@ -128,9 +128,7 @@ def build_model_dir(root: Path, contract: str) -> Path:
     torch.manual_seed(0)
     root.mkdir(parents=True, exist_ok=True)
     module = TensorDetector() if contract == "tensor" else ListDetector()
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", category=DeprecationWarning)
-        torch.jit.script(module.eval()).save(str(root / "model.pt"))
+    save_torchscript(module, root / "model.pt")
     (root / "index_to_name.json").write_text(json.dumps({"0": "a", "1": "b", "2": "c"}))
     return root
 

@@ -57,10 +57,11 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(1, str(HERE.parent))
 
 from _timing import Rate, batched  # noqa: E402
-from bench_e2e import AbResult, parse_ab  # noqa: E402
+from _ab import AbResult, parse_ab  # noqa: E402
 from ts.context import RequestProcessor  # noqa: E402
 
 from secure_handler import SecureTextClassifier  # noqa: E402
+from secure_handler.loading import save_torchscript  # noqa: E402
 from secure_handler.server import TorchServe, free_port  # noqa: E402
 from secure_handler.testing import Request, make_context, run_batch  # noqa: E402
 from secure_handler.tsconfig import ModelSpec, Ports, hardened_properties, render_properties  # noqa: E402
@@ -126,9 +127,9 @@ def build_model_dir(root: Path, model: str, words: list[str]) -> Path:
     (root / "vocab.json").write_text(json.dumps(vocab))
     (root / "index_to_name.json").write_text(json.dumps({str(i): f"c{i}" for i in range(4)}))
     with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", category=DeprecationWarning)
+        # nn.TransformerEncoder warns that nested tensors are off for this layer layout.
         warnings.filterwarnings("ignore", message=".*enable_nested_tensor.*")
-        torch.jit.script(MODELS[model]().eval()).save(str(root / "model.pt"))
+        save_torchscript(MODELS[model](), root / "model.pt")
     return root
 
 

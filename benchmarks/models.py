@@ -18,6 +18,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from secure_handler.loading import save_torchscript
+
 __all__ = [
     "BasicBlock", "ResNet18", "TinyModel", "forward_rate", "load_scripted", "resnet18",
     "save_scripted",
@@ -88,12 +90,8 @@ def resnet18(num_classes: int = 1000, seed: int = 0) -> ResNet18:
 
 
 def save_scripted(module: nn.Module, path: Path) -> Path:
-    """`torch.jit.script(module).save(path)`; torch deprecates TorchScript, we rely on it."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=r".*torch\.jit\.\w+` is deprecated")
-        warnings.filterwarnings("ignore", message=".*TorchScript.*", category=DeprecationWarning)
-        scripted = torch.jit.script(module.eval())
-    scripted.save(str(path))  # type: ignore[no-untyped-call]
+    """Script and save `module` (TorchScript is the only format the handlers load)."""
+    save_torchscript(module, path)
     return path
 
 

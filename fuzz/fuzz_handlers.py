@@ -67,6 +67,8 @@ else:
 
 from ts.context import RequestProcessor
 
+from secure_handler.loading import save_torchscript
+
 CONTENT_TYPES = ("application/octet-stream", "image/jpeg", "image/png", "text/plain",
                  "application/json", "image/webp", "")
 VOCAB = {"<pad>": 0, "<unk>": 1, "good": 2, "bad": 3}
@@ -92,10 +94,7 @@ class TokenCounts(torch.nn.Module):
 
 
 def _save_scripted(module: torch.nn.Module, path: Path) -> None:
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=r"`torch\.jit\.(script|save)` is deprecated",
-                                category=DeprecationWarning)
-        torch.jit.script(module.eval()).save(str(path))  # type: ignore[no-untyped-call]
+    save_torchscript(module, path)
 
 
 def build_handler(target: str, model_dir: Path) -> tuple[SecureBaseHandler, Any]:

@@ -30,6 +30,7 @@ __all__ = [
     "check_torchscript_archive",
     "choose_device",
     "load_torchscript",
+    "save_torchscript",
     "sha256_file",
     "verify_embedded_digests",
     "verify_trust_store",
@@ -244,3 +245,23 @@ def load_torchscript(path: str | os.PathLike[str], device: torch.device) -> torc
         )
     module.eval()
     return module
+
+
+def save_torchscript(
+    module: torch.nn.Module, path: str | os.PathLike[str]
+) -> torch.jit.ScriptModule:
+    """`torch.jit.script(module.eval())` saved to `path`: the only format the handlers load.
+
+    For users' export scripts, the examples and the tests alike. torch.jit.script needs the
+    module's source in a file (not stdin or `python -c`).
+    """
+    import torch
+
+    with warnings.catch_warnings():
+        # torch 2.13 deprecates TorchScript; silence exactly that message and nothing wider.
+        warnings.filterwarnings(
+            "ignore", message=r"`torch\.jit\.script` is deprecated", category=DeprecationWarning
+        )
+        scripted: torch.jit.ScriptModule = torch.jit.script(module.eval())
+    scripted.save(os.fspath(path))
+    return scripted

@@ -12,7 +12,6 @@ import subprocess
 import sys
 import urllib.error
 import urllib.request
-import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -23,6 +22,7 @@ import torch
 import yaml
 from PIL import Image
 
+from secure_handler.loading import save_torchscript
 from secure_handler.server import TorchServe, free_port
 from secure_handler.tsconfig import ModelSpec, Ports, hardened_properties, render_properties
 
@@ -42,10 +42,7 @@ class ChannelMeanClassifier(torch.nn.Module):
 
 
 def script_and_save(module: torch.nn.Module, path: Path) -> Path:
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=r"`torch\.jit\.(script|save)` is deprecated",
-                                category=DeprecationWarning)
-        torch.jit.script(module).save(str(path))
+    save_torchscript(module, path)
     return path
 
 

@@ -19,13 +19,14 @@ import argparse
 import json
 import sys
 import time
-import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from secure_handler.loading import save_torchscript
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from sample_inputs import (
@@ -122,14 +123,6 @@ def served_accuracy(model: nn.Module, count: int) -> float:
     x = torch.from_numpy(np.stack([preprocess(data) for _, _, data in items]))
     y = torch.tensor([CLASSES.index(shape) for shape, _, _ in items])
     return accuracy(model, x, y)
-
-
-def save_torchscript(model: nn.Module, path: Path) -> None:
-    with warnings.catch_warnings():
-        # torch 2.13 deprecates TorchScript; the handler's contract is still TorchScript.
-        warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated",
-                                category=DeprecationWarning)
-        torch.jit.script(model).save(str(path))  # type: ignore[no-untyped-call]
 
 
 def main(argv: list[str] | None = None) -> int:

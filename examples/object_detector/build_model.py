@@ -37,13 +37,14 @@ import io
 import json
 import sys
 import time
-import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 from torch import Tensor, nn
+
+from secure_handler.loading import save_torchscript
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from scenes import (
@@ -181,16 +182,6 @@ def build(contract: str, max_detections: int) -> nn.Module:
     detector = ShapeDetector(max_detections=max_detections)
     model: nn.Module = ListShapeDetector(detector) if contract == "list" else detector
     return model.eval()
-
-
-def save_torchscript(model: nn.Module, path: Path) -> torch.jit.ScriptModule:
-    with warnings.catch_warnings():
-        # torch 2.13 deprecates TorchScript; the handler's contract is still TorchScript.
-        warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated",
-                                category=DeprecationWarning)
-        scripted = torch.jit.script(model)
-    scripted.save(str(path))  # type: ignore[no-untyped-call]
-    return scripted
 
 
 @torch.inference_mode()

@@ -24,12 +24,13 @@ import argparse
 import json
 import sys
 import time
-import warnings
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from secure_handler.loading import save_torchscript
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from corpus import (
@@ -114,14 +115,6 @@ def train(model: MeanPoolClassifier, ids: Tensor, mask: Tensor, y: Tensor, epoch
 def accuracy(model: nn.Module, texts: list[str], labels: list[int], vocab: dict[str, int]) -> float:
     ids, mask = to_batch([encode(t, vocab) for t in texts])
     return float((model(ids, mask).argmax(1) == torch.tensor(labels)).float().mean())
-
-
-def save_torchscript(model: nn.Module, path: Path) -> None:
-    with warnings.catch_warnings():
-        # torch 2.13 deprecates TorchScript; the handler's contract is still TorchScript.
-        warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated",
-                                category=DeprecationWarning)
-        torch.jit.script(model).save(str(path))  # type: ignore[no-untyped-call]
 
 
 def main(argv: list[str] | None = None) -> int:
