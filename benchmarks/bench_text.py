@@ -56,8 +56,8 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(1, str(HERE.parent))
 
-from _timing import Rate, batched  # noqa: E402
 from _ab import AbResult, parse_ab  # noqa: E402
+from _timing import Rate, batched  # noqa: E402
 from ts.context import RequestProcessor  # noqa: E402
 
 from secure_handler import SecureTextClassifier  # noqa: E402
