@@ -195,8 +195,3 @@ def http_json(method: str, url: str, token: str | None = None, timeout: float = 
     except urllib.error.HTTPError as err:
         err.close()  # an HTTPError holds the response's socket until closed
         raise
-
-
-def is_http_error(exc: BaseException, status: int) -> bool:
-    """True when `exc` is an HTTP error with `status`."""
-    return isinstance(exc, urllib.error.HTTPError) and exc.code == status
