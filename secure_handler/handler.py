@@ -247,9 +247,14 @@ class SecureBaseHandler(BaseHandler, ABC):  # type: ignore[misc]
     def _respond(self, context: Any, idx: int, body: Any) -> str:
         if isinstance(body, SecureHandlerError):
             return self._refuse(context, idx, body)
+        try:
+            text = _dumps(body)
+        except (TypeError, ValueError) as exc:  # NaN/inf scores or a non-JSON type: this row only
+            logger.error("result %d is not JSON: %s", idx, exc)
+            return self._refuse(context, idx, InferenceFailed("the model's output is not JSON"))
         context.set_response_status(200, "OK", idx)
         context.set_response_content_type(idx, JSON_TYPE)
-        return _dumps(body)
+        return text
 
     def _refuse(self, context: Any, idx: int, err: SecureHandlerError) -> str:
         context.set_response_status(err.status, err.phrase, idx)

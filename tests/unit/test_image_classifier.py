@@ -258,3 +258,17 @@ def test_batch_is_normalised_exactly_once(model_dir: Path) -> None:
     std = torch.tensor(handler.limits.std).view(1, 3, 1, 1)
     assert torch.allclose(batch, (u8 / 255.0 - mean) / std, atol=1e-5)
     assert batch.shape == (2, 3, 224, 224)
+
+
+def test_a_non_finite_result_fails_its_row_not_the_batch(model_dir: Path) -> None:
+    class NaNForBlue(SecureImageClassifier):
+        def format_outputs(self, outputs, items):
+            bodies = super().format_outputs(outputs, items)
+            return [{"score": float("nan")} if b["predictions"][0]["label"] == "blue" else b
+                    for b in bodies]
+
+    handler, ctx = make_handler(model_dir, cls=NaNForBlue)
+    requests = [Request(bytearray(image_bytes(c)), "image/jpeg") for c in ("red", "blue")]
+    results = run_batch(handler, ctx, requests)
+    assert results[0][0] == 200
+    assert (results[1][0], results[1][1]["error"]["code"]) == (500, "inference_failed")
