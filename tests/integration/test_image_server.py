@@ -65,13 +65,20 @@ def _workers(server) -> list[tuple[str, int]]:
     return [(w["id"], w["pid"]) for w in desc[0]["workers"]]
 
 
-def test_mixed_batches_get_per_request_answers(server) -> None:
+@pytest.fixture(scope="module")
+def mixed_run(server):
+    """Send the mixed cases once (16 at a time, so they share batches); answers + workers."""
     url = f"{server.inference_url}/predictions/tiny"
     token = server.tokens["inference"]
     before = _workers(server)
     cases = _cases() * 3  # 39 requests, 16 at a time: batches mix valid and hostile rows
     with cf.ThreadPoolExecutor(16) as pool:
         answers = list(pool.map(lambda c: post(url, c[1], c[2], token), cases))
+    return cases, answers, before
+
+
+def test_mixed_batches_get_per_request_answers(server, mixed_run) -> None:
+    cases, answers, before = mixed_run
     for (name, _, _, status, expected), (got, body) in zip(cases, answers, strict=True):
         assert got == status, (name, body)
         if status == 200:
@@ -83,7 +90,7 @@ def test_mixed_batches_get_per_request_answers(server) -> None:
     assert "Traceback" not in log
 
 
-def test_batches_really_were_shared(server) -> None:
+def test_batches_really_were_shared(server, mixed_run) -> None:
     # The handler logs each batch's make-up; at least one mixed served and refused rows.
     log = (server.server.workdir / "logs" / "model_log.log").read_text("utf-8", "replace")
     batches = [tuple(map(int, m)) for m in
