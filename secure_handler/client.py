@@ -258,6 +258,10 @@ def _encode(data: Any, content_type: str | None, max_bytes: int) -> tuple[bytes,
 # --- the clients -------------------------------------------------------------------------
 
 
+# One send's outcome: (status, body, headers), or the transport exception it raised.
+_Outcome = tuple[int, bytes, Mapping[str, str]] | Exception
+
+
 @dataclass(frozen=True)
 class _Policy:
     retries: int
@@ -328,6 +332,33 @@ class _Base:
         if not re.fullmatch(r"[\x21-\x7e]+", token):
             raise ValueError("the token contains whitespace or non-ASCII characters")
         return {"Authorization": f"Bearer {token}"}
+
+    def _request_headers(self, api: str, reload: bool, content_type: str | None) -> dict[str, str]:
+        headers = self._headers(api, reload=reload)
+        if content_type:
+            headers["Content-Type"] = content_type
+        return headers
+
+    def _may_reload_token(self, reloaded: bool) -> bool:
+        """After an `Unauthorized`: read key_file.json once more (TorchServe restarted)."""
+        return not reloaded and self._key_file is not None
+
+    def _retry_delay(self, attempt: int, method: str, url: str, outcome: _Outcome) -> float | None:
+        """Seconds to wait before retrying `outcome`, or None when it is the answer.
+
+        Only 503s and failures before the request reached the server are retried, at most
+        `retries` times; any other transport failure raises at once (it may have run).
+        """
+        if isinstance(outcome, BaseException):
+            if not isinstance(outcome, _connect_errors()):
+                raise _transport_error(method, url, outcome) from outcome
+            if attempt >= self.policy.retries:
+                raise ConnectionFailed(f"{method} {url}: {outcome!r}") from outcome
+            return self.policy.delay(attempt, {})
+        status, _, headers = outcome
+        if status != 503 or attempt >= self.policy.retries:
+            return None
+        return self.policy.delay(attempt, headers)
 
     def _predict_request(self, model: str, data: Any, content_type: str | None,
                          version: str | None) -> PredictRequest:
@@ -442,33 +473,27 @@ class Client(_Base):
               content_type: str | None = None) -> Any:
         reloaded = False
         while True:
-            headers = self._headers(api, reload=reloaded)
-            if content_type:
-                headers["Content-Type"] = content_type
+            headers = self._request_headers(api, reloaded, content_type)
             try:
-                status, data, resp_headers = self._send_with_retries(method, url, headers, body)
-                return self._result(status, data, resp_headers)
+                return self._result(*self._send_with_retries(method, url, headers, body))
             except Unauthorized:
-                if reloaded or self._key_file is None:
+                if not self._may_reload_token(reloaded):
                     raise
-                reloaded = True  # TorchServe restarted with new keys: read the file again
+                reloaded = True
 
     def _send_with_retries(self, method: str, url: str, headers: dict[str, str],
                            body: bytes | None) -> tuple[int, bytes, Mapping[str, str]]:
         attempt = 0
         while True:
+            outcome: _Outcome
             try:
-                status, data, resp_headers = self._send(method, url, headers, body)
-            except _connect_errors() as exc:
-                if attempt >= self.policy.retries:
-                    raise ConnectionFailed(f"{method} {url}: {exc!r}") from exc
-                resp_headers = {}
+                outcome = self._send(method, url, headers, body)
             except _transport_errors() as exc:
-                raise _transport_error(method, url, exc) from exc
-            else:
-                if status != 503 or attempt >= self.policy.retries:
-                    return status, data, resp_headers
-            delay = self.policy.delay(attempt, resp_headers)
+                outcome = exc
+            delay = self._retry_delay(attempt, method, url, outcome)
+            if delay is None:
+                assert not isinstance(outcome, BaseException)  # raised or retried above
+                return outcome
             logger.info("retrying %s %s in %.2fs (attempt %d)", method, url, delay, attempt + 1)
             time.sleep(delay)
             attempt += 1
@@ -528,15 +553,11 @@ class AsyncClient(_Base):
                     content_type: str | None = None) -> Any:
         reloaded = False
         while True:
-            headers = self._headers(api, reload=reloaded)
-            if content_type:
-                headers["Content-Type"] = content_type
+            headers = self._request_headers(api, reloaded, content_type)
             try:
-                status, data, resp_headers = await self._send_with_retries(
-                    method, url, headers, body)
-                return self._result(status, data, resp_headers)
+                return self._result(*await self._send_with_retries(method, url, headers, body))
             except Unauthorized:
-                if reloaded or self._key_file is None:
+                if not self._may_reload_token(reloaded):
                     raise
                 reloaded = True
 
@@ -544,18 +565,16 @@ class AsyncClient(_Base):
                                  body: bytes | None) -> tuple[int, bytes, Mapping[str, str]]:
         attempt = 0
         while True:
+            outcome: _Outcome
             try:
-                status, data, resp_headers = await self._send(method, url, headers, body)
-            except _connect_errors() as exc:
-                if attempt >= self.policy.retries:
-                    raise ConnectionFailed(f"{method} {url}: {exc!r}") from exc
-                resp_headers = {}
+                outcome = await self._send(method, url, headers, body)
             except _transport_errors() as exc:
-                raise _transport_error(method, url, exc) from exc
-            else:
-                if status != 503 or attempt >= self.policy.retries:
-                    return status, data, resp_headers
-            await asyncio.sleep(self.policy.delay(attempt, resp_headers))
+                outcome = exc
+            delay = self._retry_delay(attempt, method, url, outcome)
+            if delay is None:
+                assert not isinstance(outcome, BaseException)  # raised or retried above
+                return outcome
+            await asyncio.sleep(delay)
             attempt += 1
 
     async def _send(self, method: str, url: str, headers: dict[str, str],
