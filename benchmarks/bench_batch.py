@@ -35,7 +35,7 @@ def ours_handle(model: Path, sets: dict[str, list[bytes]], repeats: int) -> dict
     """Our `handle()` rates per set (set name `bN` = batch size N)."""
     from ts.context import RequestProcessor
 
-    from secure_handler.image_classifier import SecureImageClassifier
+    from secure_handler.serving.image.classifier import SecureImageClassifier
     from secure_handler.testing import Request, make_context
 
     manifest = {"runtime": "python", "model": {

@@ -45,7 +45,7 @@ from corpus import make_corpus, mixed  # noqa: E402
 from ts.context import RequestProcessor  # noqa: E402
 
 from secure_handler import SecureObjectDetector  # noqa: E402
-from secure_handler.loading import save_torchscript  # noqa: E402
+from secure_handler.serving.loading import save_torchscript  # noqa: E402
 from secure_handler.testing import Request, make_context, run_batch  # noqa: E402
 
 BATCH_SIZES = (1, 8)

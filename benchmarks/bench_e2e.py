@@ -3,7 +3,7 @@
     /tmp/venv/bin/python benchmarks/bench_e2e.py [--quick] [--models tiny,resnet18] [--json F]
 
 Setup, identical for both sides: one worker, batchSize 8, maxBatchDelay 5 ms, the hardened
-config.properties from `secure_handler.tsconfig` (loopback, token auth on), one 500x375 JPEG
+config.properties from `secure_handler.deploy.tsconfig` (loopback, token auth on), one 500x375 JPEG
 (quality 90, from corpus.py) POSTed by ApacheBench at concurrency 16 with keep-alive (`-k`:
 without it ab hangs against TorchServe) and `Authorization: Bearer <inference key>` read from
 the server's key_file.json.
@@ -48,8 +48,8 @@ from _ab import AbResult, Load, check_prediction, run_ab  # noqa: E402
 from corpus import KINDS, make_image  # noqa: E402
 from models import TinyModel, resnet18, save_scripted  # noqa: E402
 
-from secure_handler.server import TorchServe, free_port  # noqa: E402
-from secure_handler.tsconfig import ModelSpec, Ports, hardened_properties, render_properties  # noqa: E402
+from secure_handler.deploy.launcher import TorchServe, free_port  # noqa: E402
+from secure_handler.deploy.tsconfig import ModelSpec, Ports, hardened_properties, render_properties  # noqa: E402
 
 DEFAULT_STOCK_VENV = HERE / ".venv-stock"
 BATCH = 8

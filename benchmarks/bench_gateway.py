@@ -56,9 +56,9 @@ from _ab import CONCURRENCY, AbResult, Load, check_prediction, run_ab  # noqa: E
 from corpus import KINDS, make_image  # noqa: E402
 from models import TinyModel, save_scripted  # noqa: E402
 
+from secure_handler.deploy.launcher import TorchServe, free_port  # noqa: E402
+from secure_handler.deploy.tsconfig import ModelSpec, Ports, hardened_properties, render_properties  # noqa: E402
 from secure_handler.gateway.keys import generate_key, hash_key  # noqa: E402
-from secure_handler.server import TorchServe, free_port  # noqa: E402
-from secure_handler.tsconfig import ModelSpec, Ports, hardened_properties, render_properties  # noqa: E402
 
 BATCH = 8
 MAX_BATCH_DELAY_MS = 5

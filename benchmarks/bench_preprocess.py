@@ -143,7 +143,7 @@ def _ours_handler(tmp: Path, batch: int,
     """A `SecureImageClassifier` initialised through TorchServe's real Context, tiny model."""
     from models import TinyModel, save_scripted
 
-    from secure_handler.image_classifier import SecureImageClassifier
+    from secure_handler.serving.image.classifier import SecureImageClassifier
     from secure_handler.testing import make_context
 
     save_scripted(TinyModel(), tmp / "model.pt")

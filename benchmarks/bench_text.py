@@ -61,10 +61,10 @@ from _timing import Rate, batched  # noqa: E402
 from ts.context import RequestProcessor  # noqa: E402
 
 from secure_handler import SecureTextClassifier  # noqa: E402
-from secure_handler.loading import save_torchscript  # noqa: E402
-from secure_handler.server import TorchServe, free_port  # noqa: E402
+from secure_handler.deploy.launcher import TorchServe, free_port  # noqa: E402
+from secure_handler.deploy.tsconfig import ModelSpec, Ports, hardened_properties, render_properties  # noqa: E402
+from secure_handler.serving.loading import save_torchscript  # noqa: E402
 from secure_handler.testing import Request, make_context, run_batch  # noqa: E402
-from secure_handler.tsconfig import ModelSpec, Ports, hardened_properties, render_properties  # noqa: E402
 
 VOCAB_SIZE = 20_000
 MAX_TOKENS = 256

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from secure_handler.loading import save_torchscript
+from secure_handler.serving.loading import save_torchscript
 
 __all__ = [
     "BasicBlock", "ResNet18", "TinyModel", "forward_rate", "load_scripted", "resnet18",

@@ -66,8 +66,8 @@ from attacks import craft  # noqa: E402
 from support import archive_mar, build_tiny_classifier, write_image_handler  # noqa: E402
 from support_models import build_text_model, write_text_files  # noqa: E402
 
-from secure_handler.server import TorchServe, free_port, http_json  # noqa: E402
-from secure_handler.tsconfig import ModelSpec, Ports, hardened_properties, render_properties  # noqa: E402
+from secure_handler.deploy.launcher import TorchServe, free_port, http_json  # noqa: E402
+from secure_handler.deploy.tsconfig import ModelSpec, Ports, hardened_properties, render_properties  # noqa: E402
 
 MiB = 1024 * 1024
 IMAGE_LIMIT = 1 * MiB

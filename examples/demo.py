@@ -460,7 +460,7 @@ class Demo:
         section("5. Gateway in front of the same torchserve: keys, scopes, rate limit")
         import httpx
 
-        from secure_handler.server import free_port
+        from secure_handler.deploy.launcher import free_port
 
         keys = {
             "webapp": self.new_key("webapp", ["image_classifier", "text_classifier"], "20/s",

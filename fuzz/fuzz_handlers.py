@@ -67,7 +67,7 @@ else:
 
 from ts.context import RequestProcessor
 
-from secure_handler.loading import save_torchscript
+from secure_handler.serving.loading import save_torchscript
 
 CONTENT_TYPES = ("application/octet-stream", "image/jpeg", "image/png", "text/plain",
                  "application/json", "image/webp", "")

@@ -11,12 +11,17 @@ Subclass a handler in your `handler.py` and archive that file::
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from .errors import (
+from secure_handler.errors import (
     AnimatedImage,
     BatchError,
     BatchLimitExceeded,
+    ClientError,
     ConfigurationError,
+    ConnectionFailed,
+    ConnectionLost,
     EmptyBody,
+    Forbidden,
+    ForbiddenModelSource,
     ImageTooLarge,
     InferenceFailed,
     IntegrityError,
@@ -25,17 +30,32 @@ from .errors import (
     InvalidImage,
     InvalidText,
     MalformedRequest,
+    MethodNotAllowed,
+    ModelNotFound,
+    NotFound,
     OutOfMemory,
     PayloadTooLarge,
+    RateLimited,
+    RateLimiterUnavailable,
     RequestError,
+    RequestTimedOut,
+    RequestTimeout,
+    ResponseTooLarge,
     SecureHandlerError,
+    ServiceUnavailable,
     TextTooLong,
     TooManyTokens,
+    Unauthorized,
+    UnavailableError,
+    UnexpectedResponse,
     UnsafeModelError,
     UnsupportedMediaType,
+    UpstreamError,
+    UpstreamTimeout,
+    UpstreamUnavailable,
     error_body,
 )
-from .limits import (
+from secure_handler.limits import (
     BaseLimits,
     ImageClassifierLimits,
     ImageLimits,
@@ -45,20 +65,20 @@ from .limits import (
 )
 
 if TYPE_CHECKING:
-    from .handler import SecureBaseHandler
-    from .image_classifier import SecureImageClassifier
-    from .object_detector import SecureObjectDetector
-    from .text_classifier import SecureTextClassifier
+    from secure_handler.serving.base import SecureBaseHandler
+    from secure_handler.serving.image.classifier import SecureImageClassifier
+    from secure_handler.serving.image.detector import SecureObjectDetector
+    from secure_handler.serving.text.classifier import SecureTextClassifier
 
 __version__ = "0.1.0"
 
 # The handlers import torch and TorchServe (seconds, and log lines on stderr); load them on
 # first use so the CLI, the client and the gateway start fast.
 _LAZY = {
-    "SecureBaseHandler": ".handler",
-    "SecureImageClassifier": ".image_classifier",
-    "SecureObjectDetector": ".object_detector",
-    "SecureTextClassifier": ".text_classifier",
+    "SecureBaseHandler": ".serving.base",
+    "SecureImageClassifier": ".serving.image.classifier",
+    "SecureObjectDetector": ".serving.image.detector",
+    "SecureTextClassifier": ".serving.text.classifier",
 }
 
 
@@ -75,8 +95,13 @@ __all__ = [
     "BaseLimits",
     "BatchError",
     "BatchLimitExceeded",
+    "ClientError",
     "ConfigurationError",
+    "ConnectionFailed",
+    "ConnectionLost",
     "EmptyBody",
+    "Forbidden",
+    "ForbiddenModelSource",
     "ImageClassifierLimits",
     "ImageLimits",
     "ImageTooLarge",
@@ -87,21 +112,36 @@ __all__ = [
     "InvalidImage",
     "InvalidText",
     "MalformedRequest",
+    "MethodNotAllowed",
+    "ModelNotFound",
+    "NotFound",
     "ObjectDetectorLimits",
     "OutOfMemory",
     "PayloadTooLarge",
+    "RateLimited",
+    "RateLimiterUnavailable",
     "RequestError",
+    "RequestTimedOut",
+    "RequestTimeout",
+    "ResponseTooLarge",
     "SecureBaseHandler",
     "SecureHandlerError",
     "SecureImageClassifier",
     "SecureObjectDetector",
     "SecureTextClassifier",
+    "ServiceUnavailable",
     "TextClassifierLimits",
     "TextLimits",
     "TextTooLong",
     "TooManyTokens",
+    "Unauthorized",
+    "UnavailableError",
+    "UnexpectedResponse",
     "UnsafeModelError",
     "UnsupportedMediaType",
-    "__version__",
+    "UpstreamError",
+    "UpstreamTimeout",
+    "UpstreamUnavailable",
     "error_body",
+    "__version__",
 ]

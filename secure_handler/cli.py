@@ -19,8 +19,8 @@ EXIT_OK, EXIT_FINDINGS, EXIT_USAGE = 0, 1, 2
 # Modules that add subcommands; each defines `register(subparsers) -> None` and sets
 # `func(args) -> int` on its parsers. Imported lazily so `--help` stays fast.
 COMMAND_MODULES = (
-    "secure_handler.supply_cli",
-    "secure_handler.deploy_cli",
+    "secure_handler.supply.cli",
+    "secure_handler.deploy.cli",
     "secure_handler.gateway.cli",
 )
 

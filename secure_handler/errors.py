@@ -1,60 +1,50 @@
-"""The one exception tree of secure_handler.
+"""The one exception tree and the one table of error codes of secure_handler.
 
-Every error carries the HTTP status a client sees and a stable snake_case code. Codes are a
-public contract: clients and dashboards match on them, so never rename one.
+Every error a handler, the client or the gateway can answer with is a class here, carrying the
+HTTP status a client sees, a stable snake_case `code` and whether a retry may succeed. Codes are
+a public contract: clients and dashboards match on them, so never rename one. `ERROR_TABLE`
+(code -> status, class, retryable) is derived from the classes, so the table and the tree
+cannot disagree; the README's error table is tested against it.
 
-* SecureHandlerError                       500 internal_error
-  x RequestError          (one request; the rest of the batch is served)
-    + MalformedRequest                     400 malformed_request
-    + EmptyBody                            400 empty_body
-    + BatchLimitExceeded                   503 batch_limit_exceeded
-    + PayloadTooLarge                      413 payload_too_large
-    + UnsupportedMediaType                 415 unsupported_media_type
-    + InvalidContent                       422 invalid_content
-      - InvalidBase64                      422 invalid_base64
-      - InvalidImage                       422 invalid_image
-      - ImageTooLarge                      422 image_too_large
-      - AnimatedImage                      422 animated_image
-      - InvalidText                        422 invalid_text
-      - TextTooLong                        422 text_too_long
-      - TooManyTokens                      422 too_many_tokens
+* SecureHandlerError                        500 internal_error
+  x RequestError          (one request is refused; the rest of the batch is served)
+    + MalformedRequest / EmptyBody           400
+    + Unauthorized                           401 (WWW-Authenticate: Bearer)
+    + Forbidden / ForbiddenModelSource       403
+    + NotFound / ModelNotFound               404
+    + MethodNotAllowed                       405
+    + RequestTimeout                         408 (the client sent its body too slowly)
+    + PayloadTooLarge                        413
+    + UnsupportedMediaType                   415
+    + InvalidContent and its kinds           422 (image, text, base64)
+    + RateLimited                            429 (Retry-After), retryable
+    + BatchLimitExceeded                     503, retryable
   x BatchError            (inference failed for every valid row of the batch)
-    + InferenceFailed                      500 inference_failed
-    + OutOfMemory                          507 out_of_memory
-  x ConfigurationError    (initialize refuses to load; never sent to a client)
-    + UnsafeModelError    (not TorchScript, eager manifest, pickles)
-    + IntegrityError      (a digest or pin does not match)
+  x UnavailableError      (the service could not take the request; it did not run)
+  x UpstreamError         (502/504 between a proxy and TorchServe)
+  x ClientError           (the client could not interpret what came back)
+  x ConfigurationError    (initialize or a tool refuses; never sent to a client)
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
+from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Any, ClassVar
 
 __all__ = [
-    "AnimatedImage",
-    "BatchError",
-    "BatchLimitExceeded",
-    "ConfigurationError",
-    "EmptyBody",
-    "ImageTooLarge",
-    "InferenceFailed",
-    "IntegrityError",
-    "InvalidBase64",
-    "InvalidContent",
-    "InvalidImage",
-    "InvalidText",
-    "MalformedRequest",
-    "OutOfMemory",
-    "PayloadTooLarge",
-    "RequestError",
-    "SecureHandlerError",
-    "TextTooLong",
-    "TooManyTokens",
-    "UnsafeModelError",
-    "UnsupportedMediaType",
-    "error_body",
+    "ERROR_TABLE", "AnimatedImage", "BatchError", "BatchLimitExceeded", "ClientError",
+    "ConfigurationError", "ConnectionFailed", "ConnectionLost", "EmptyBody", "ErrorSpec",
+    "Forbidden", "ForbiddenModelSource", "ImageTooLarge", "InferenceFailed", "IntegrityError",
+    "InvalidBase64", "InvalidContent", "InvalidImage", "InvalidText", "MalformedRequest",
+    "MethodNotAllowed", "ModelNotFound", "NotFound", "OutOfMemory", "PayloadTooLarge",
+    "RateLimited", "RateLimiterUnavailable", "RequestError", "RequestTimedOut",
+    "RequestTimeout", "ResponseTooLarge", "SecureHandlerError", "ServiceUnavailable",
+    "TextTooLong", "TooManyTokens", "Unauthorized", "UnavailableError", "UnexpectedResponse",
+    "UnsafeModelError", "UnsupportedMediaType", "UpstreamError", "UpstreamTimeout",
+    "UpstreamUnavailable", "error_body", "error_class",
 ]
 
 
@@ -63,10 +53,14 @@ class SecureHandlerError(Exception):
 
     status: ClassVar[int] = 500
     code: ClassVar[str] = "internal_error"
+    #: True when the same request may succeed if sent again (it did not run).
+    retryable: ClassVar[bool] = False
 
-    def __init__(self, message: str) -> None:
+    def __init__(self, message: str, headers: Mapping[str, str] | None = None) -> None:
         super().__init__(message)
         self.message = message
+        #: Extra response headers (Retry-After, WWW-Authenticate) a server sends with it.
+        self.headers: dict[str, str] = dict(headers or {})
 
     @property
     def phrase(self) -> str:
@@ -100,22 +94,64 @@ class RequestError(SecureHandlerError):
 class MalformedRequest(RequestError):
     """The envelope is wrong: JSON of the wrong shape, a missing or ambiguous field."""
 
-    status = 400
     code = "malformed_request"
 
 
 class EmptyBody(RequestError):
     """The request carried no payload."""
 
-    status = 400
     code = "empty_body"
 
 
-class BatchLimitExceeded(RequestError):
-    """More rows arrived than `max_batch_size`; the surplus rows are refused, retryable."""
+class Unauthorized(RequestError):
+    """No credential, or one that matches nothing (TorchServe: InvalidKeyException)."""
 
-    status = 503
-    code = "batch_limit_exceeded"
+    status = 401
+    code = "unauthorized"
+
+    def __init__(self, message: str = "a valid API key is required",
+                 headers: Mapping[str, str] | None = None) -> None:
+        super().__init__(message, {"WWW-Authenticate": "Bearer", **(headers or {})})
+
+
+class Forbidden(RequestError):
+    """A valid key without the scope, model or version; or a refused operation."""
+
+    status = 403
+    code = "forbidden"
+
+
+class ForbiddenModelSource(Forbidden):
+    """A register call named an archive other than `<model_name>.mar` in the store."""
+
+    code = "forbidden_model_source"
+
+
+class NotFound(RequestError):
+    """No such route."""
+
+    status = 404
+    code = "not_found"
+
+
+class ModelNotFound(NotFound):
+    """No such model, version or archive is registered."""
+
+    code = "model_not_found"
+
+
+class MethodNotAllowed(RequestError):
+    """The route exists, the method or operation is not offered."""
+
+    status = 405
+    code = "method_not_allowed"
+
+
+class RequestTimeout(RequestError):
+    """The client sent its headers or body too slowly (a server answers 408 and closes)."""
+
+    status = 408
+    code = "request_timeout"
 
 
 class PayloadTooLarge(RequestError):
@@ -181,6 +217,22 @@ class TooManyTokens(InvalidContent):
     code = "too_many_tokens"
 
 
+class RateLimited(RequestError):
+    """The key's (or the address's) bucket is empty; `Retry-After` says when to come back."""
+
+    status = 429
+    code = "rate_limited"
+    retryable = True
+
+
+class BatchLimitExceeded(RequestError):
+    """More rows arrived than `max_batch_size`; the surplus rows are refused, retryable."""
+
+    status = 503
+    code = "batch_limit_exceeded"
+    retryable = True
+
+
 # --- whole-batch errors ------------------------------------------------------------------
 
 
@@ -202,7 +254,90 @@ class OutOfMemory(BatchError):
     code = "out_of_memory"
 
 
-# --- load-time errors --------------------------------------------------------------------
+# --- the service could not take the request (it did not run) ----------------------------
+
+
+class UnavailableError(SecureHandlerError):
+    """Nothing ran; the same request may succeed later."""
+
+    status = 503
+    code = "service_unavailable"
+    retryable = True
+
+
+class ServiceUnavailable(UnavailableError):
+    """TorchServe's queue is full or no worker is up (503 after every retry)."""
+
+
+class ConnectionFailed(UnavailableError):
+    """No connection could be made, after every retry."""
+
+    code = "connection_failed"
+
+
+class RateLimiterUnavailable(UnavailableError):
+    """The gateway's shared rate limiter (Redis) cannot be reached; it fails closed."""
+
+    code = "rate_limiter_unavailable"
+
+
+# --- between a proxy and TorchServe -------------------------------------------------------
+
+
+class UpstreamError(SecureHandlerError):
+    """The gateway could not get an answer from TorchServe."""
+
+    status = 502
+    code = "upstream_unavailable"
+
+
+class UpstreamUnavailable(UpstreamError):
+    """TorchServe refused the connection or sent something unreadable (it may have run)."""
+
+
+class RequestTimedOut(SecureHandlerError):
+    """No answer within the read timeout (never retried: the request may have run)."""
+
+    status = 504
+    code = "response_timeout"
+
+
+class UpstreamTimeout(RequestTimedOut, UpstreamError):
+    """The gateway's call to TorchServe timed out."""
+
+    status = 504
+    code = "upstream_timeout"
+
+
+# --- client side ---------------------------------------------------------------------------
+
+
+class ClientError(SecureHandlerError):
+    """The client could not interpret or accept what came back."""
+
+    status = 502
+    code = "client_error"
+
+
+class ResponseTooLarge(ClientError):
+    """The response body is over the client's `max_response_bytes`; it was not read."""
+
+    code = "response_too_large"
+
+
+class ConnectionLost(ClientError):
+    """The connection broke after the request was sent (never retried: it may have run)."""
+
+    code = "connection_lost"
+
+
+class UnexpectedResponse(ClientError):
+    """A response the client cannot interpret (not JSON, or an unknown error shape)."""
+
+    code = "unexpected_response"
+
+
+# --- load-time and tool errors (never sent to a client) ------------------------------------
 
 
 class ConfigurationError(SecureHandlerError):
@@ -221,3 +356,42 @@ class IntegrityError(ConfigurationError):
     """A digest, manifest entry or external pin does not match the file."""
 
     code = "integrity_error"
+
+
+# --- the table -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ErrorSpec:
+    """One row of the error contract."""
+
+    code: str
+    status: int
+    cls: type[SecureHandlerError]
+    retryable: bool
+
+
+def _build_table() -> dict[str, ErrorSpec]:
+    table: dict[str, ErrorSpec] = {}
+    pending: list[type[SecureHandlerError]] = [SecureHandlerError]
+    while pending:
+        cls = pending.pop(0)
+        pending.extend(cls.__subclasses__())
+        if cls.__module__ != __name__:
+            continue  # only this module defines codes; subclasses elsewhere reuse them
+        known = table.get(cls.code)
+        # A subclass that only narrows the meaning (InferenceFailed) keeps its parent's row
+        # unless it is the more specific class for that code.
+        if known is None or issubclass(cls, known.cls):
+            table[cls.code] = ErrorSpec(cls.code, cls.status, cls, cls.retryable)
+    return table
+
+
+#: code -> (status, class, retryable): every code any part of the project answers with.
+ERROR_TABLE: Mapping[str, ErrorSpec] = _build_table()
+
+
+def error_class(code: str) -> type[SecureHandlerError] | None:
+    """The class for an error body's `code`, or None when the code is not ours."""
+    spec = ERROR_TABLE.get(code)
+    return spec.cls if spec else None

@@ -13,7 +13,7 @@ from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from .errors import ConfigurationError
+from secure_handler.errors import ConfigurationError
 
 __all__ = [
     "BaseLimits",

@@ -10,7 +10,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from secure_handler.loading import TRUST_STORE_ENV
+from secure_handler.serving.loading import TRUST_STORE_ENV
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -22,9 +22,9 @@ import torch
 import yaml
 from PIL import Image
 
-from secure_handler.loading import save_torchscript
-from secure_handler.server import TorchServe, free_port
-from secure_handler.tsconfig import ModelSpec, Ports, hardened_properties, render_properties
+from secure_handler.deploy.launcher import TorchServe, free_port
+from secure_handler.deploy.tsconfig import ModelSpec, Ports, hardened_properties, render_properties
+from secure_handler.serving.loading import save_torchscript
 
 __all__ = [
     "ServerInfo", "archive_mar", "build_tiny_classifier", "image_bytes", "post",

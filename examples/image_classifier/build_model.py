@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from secure_handler.loading import save_torchscript
+from secure_handler.serving.loading import save_torchscript
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from sample_inputs import (

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from secure_handler.loading import save_torchscript
+from secure_handler.serving.loading import save_torchscript
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from corpus import (

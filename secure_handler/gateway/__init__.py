@@ -9,11 +9,18 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from .config import GatewayConfig, KeyEntry, ModelGrant, ModelPolicy, RateLimit, load_config
-from .keys import generate_key, hash_key
+from secure_handler.gateway.config import (
+    GatewayConfig,
+    KeyEntry,
+    ModelGrant,
+    ModelPolicy,
+    RateLimit,
+    load_config,
+)
+from secure_handler.gateway.keys import generate_key, hash_key
 
 if TYPE_CHECKING:
-    from .app import create_app
+    from secure_handler.gateway.app import create_app
 
 __all__ = [
     "GatewayConfig",
@@ -30,7 +37,7 @@ __all__ = [
 
 def __getattr__(name: str) -> Any:
     if name == "create_app":
-        from .app import create_app
+        from secure_handler.gateway.app import create_app
 
         return create_app
     raise AttributeError(name)

@@ -30,14 +30,35 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from ..errors import error_body
-from .audit import AuditLog, AuditRecord
-from .config import NAME_RE, VERSION_RE, GatewayConfig, KeyEntry, RateLimit, Scope
-from .errors import Forbidden, GatewayError, RateLimited, Unauthorized
-from .keys import KeyRing, bearer_token
-from .management import describe_params, list_params, register_params, scale_params
-from .ratelimit import RateLimiter, RateLimiterUnavailable, build_limiter
-from .upstream import Upstream, UpstreamResponse
+from secure_handler.errors import (
+    EmptyBody,
+    MalformedRequest,
+    MethodNotAllowed,
+    PayloadTooLarge,
+    RequestTimeout,
+    UnsupportedMediaType,
+    UpstreamUnavailable,
+    error_body,
+)
+from secure_handler.gateway.audit import AuditLog, AuditRecord
+from secure_handler.gateway.config import (
+    NAME_RE,
+    VERSION_RE,
+    GatewayConfig,
+    KeyEntry,
+    RateLimit,
+    Scope,
+)
+from secure_handler.gateway.errors import Forbidden, GatewayError, Unauthorized, rate_limited
+from secure_handler.gateway.keys import KeyRing, bearer_token
+from secure_handler.gateway.management import (
+    describe_params,
+    list_params,
+    register_params,
+    scale_params,
+)
+from secure_handler.gateway.ratelimit import RateLimiter, RateLimiterUnavailable, build_limiter
+from secure_handler.gateway.upstream import Upstream, UpstreamResponse
 
 __all__ = ["Gateway", "create_app"]
 
@@ -96,9 +117,9 @@ class Gateway:
             decision = await self.limiter.hit(bucket, limit)
         except RateLimiterUnavailable as exc:
             logger.error("rate limiter unavailable: %s", exc)
-            raise GatewayError(503, "rate_limiter_unavailable", "try again later") from exc
+            raise RateLimiterUnavailable("rate limiter unavailable; try again later") from exc
         if not decision.allowed:
-            raise RateLimited(decision.retry_after_header, what)
+            raise rate_limited(decision.retry_after_header, what)
 
     def check_model(self, key: KeyEntry, call: Call) -> None:
         """403 unless `key` is granted `call.model` (and `call.version`)."""
@@ -167,7 +188,7 @@ class Gateway:
         self.check_model(key, call)
         if request.query_params:
             # TorchServe turns query parameters into inputs that take precedence over the body.
-            raise GatewayError(400, "malformed_request", "query parameters are not accepted")
+            raise MalformedRequest("query parameters are not accepted")
         content_type = self._content_type(request, call.model or "")
         body = await self._read_body(request, self.config.body_limit(call.model or ""))
         path = f"/predictions/{call.model}" + (f"/{call.version}" if call.version else "")
@@ -180,13 +201,13 @@ class Gateway:
         encoding = request.headers.get("content-encoding", "identity").strip().lower()
         if encoding != "identity":
             # A compressed body would defeat the byte limit (CWE-409).
-            raise GatewayError(415, "unsupported_media_type", "Content-Encoding is not accepted")
+            raise UnsupportedMediaType("Content-Encoding is not accepted")
         declared = request.headers.get("content-type", "")
         media = declared.split(";", 1)[0].strip().lower()
         if media not in self.config.models[model].content_types:
             allowed = ", ".join(self.config.models[model].content_types)
             message = f"content type must be one of: {allowed}"
-            raise GatewayError(415, "unsupported_media_type", message)
+            raise UnsupportedMediaType(message)
         return declared
 
     async def _read_body(self, request: Request, limit: int) -> bytes:
@@ -197,9 +218,9 @@ class Gateway:
         try:
             body = await asyncio.wait_for(_collect(request, limit), self.config.body_timeout_s)
         except asyncio.TimeoutError as exc:
-            raise GatewayError(408, "request_timeout", "the body arrived too slowly") from exc
+            raise RequestTimeout("the body arrived too slowly") from exc
         if not body:
-            raise GatewayError(400, "empty_body", "the request has no body")
+            raise EmptyBody("the request has no body")
         return body
 
     @staticmethod
@@ -222,7 +243,7 @@ class Gateway:
             data["models"] = [m for m in data.get("models", []) if m.get("modelName") in granted]
         except (ValueError, AttributeError, TypeError) as exc:
             message = "unexpected answer from TorchServe"
-            raise GatewayError(502, "upstream_unavailable", message) from exc
+            raise UpstreamUnavailable(message) from exc
         return JSONResponse(data)
 
     async def describe_model(self, request: Request, call: Call) -> Response:
@@ -255,7 +276,7 @@ class Gateway:
 
     async def refused_operation(self, request: Request, call: Call) -> Response:
         await self.admit(request, call, "management")
-        raise GatewayError(405, "method_not_allowed", "this management operation is not offered")
+        raise MethodNotAllowed("this management operation is not offered")
 
     async def _forward_model(self, call: Call, method: str, params: dict[str, str]) -> Response:
         path = f"/models/{call.model}" + (f"/{call.version}" if call.version else "")
@@ -297,7 +318,7 @@ async def _collect(request: Request, limit: int) -> bytes:
 
 
 def _too_large(limit: int) -> GatewayError:
-    return GatewayError(413, "payload_too_large", f"the body is over {limit} bytes")
+    return PayloadTooLarge(f"the body is over {limit} bytes")
 
 
 Endpoint = Callable[[Request], Awaitable[Response]]

@@ -22,8 +22,8 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from .config import GatewayConfig, KeyEntry, load_config, parse_rate
-from .keys import generate_key, hash_key
+from secure_handler.gateway.config import GatewayConfig, KeyEntry, load_config, parse_rate
+from secure_handler.gateway.keys import generate_key, hash_key
 
 __all__ = ["register"]
 
@@ -133,8 +133,8 @@ def _run(args: argparse.Namespace) -> int:
     try:
         import uvicorn
 
-        from .app import create_app
-        from .logs import configure_logging
+        from secure_handler.gateway.app import create_app
+        from secure_handler.gateway.logs import configure_logging
     except ImportError as exc:
         print(f"secure-handler gateway needs the [gateway] extra: {exc}", file=sys.stderr)
         return EXIT_USAGE

@@ -11,7 +11,7 @@ import hmac
 import secrets
 from collections.abc import Iterable, Mapping
 
-from .config import KeyEntry
+from secure_handler.gateway.config import KeyEntry
 
 __all__ = ["KEY_PREFIX", "KeyRing", "bearer_token", "generate_key", "hash_key"]
 

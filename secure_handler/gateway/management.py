@@ -13,8 +13,9 @@ import re
 from collections.abc import Sequence
 from pathlib import Path
 
-from .config import NAME_PATTERN
-from .errors import Forbidden, GatewayError
+from secure_handler.errors import MalformedRequest, ModelNotFound
+from secure_handler.gateway.config import NAME_PATTERN
+from secure_handler.gateway.errors import ForbiddenModelSource
 
 __all__ = [
     "describe_params",
@@ -29,8 +30,8 @@ _ARCHIVE_RE = re.compile(NAME_PATTERN.rstrip("$") + r"\.mar$")
 _NAME_RE = re.compile(NAME_PATTERN)
 
 
-def _bad(message: str) -> GatewayError:
-    return GatewayError(400, "malformed_request", message)
+def _bad(message: str) -> MalformedRequest:
+    return MalformedRequest(message)
 
 
 def _single(items: Sequence[tuple[str, str]], allowed: set[str]) -> dict[str, str]:
@@ -72,20 +73,18 @@ def store_archive(store: Path, url: str) -> str:
     """Check that `url` is a plain archive name of a file inside `store`; return it.
 
     Raises Forbidden (`forbidden_model_source`) for anything that could leave the store, and
-    GatewayError 404 when the name is fine but no such archive exists.
+    ModelNotFound (404) when the name is fine but no such archive exists.
     """
     if not _ARCHIVE_RE.fullmatch(url):
-        raise Forbidden(
-            "models are registered by name from the model store; URLs and paths are refused",
-            code="forbidden_model_source",
-        )
+        raise ForbiddenModelSource(
+            "models are registered by name from the model store; URLs and paths are refused")
     root = store.resolve()
     path = (root / url).resolve()
     # A symlink in the store that points elsewhere is refused too.
     if path.parent != root:
-        raise Forbidden("the archive is not inside the model store", code="forbidden_model_source")
+        raise ForbiddenModelSource("the archive is not inside the model store")
     if not path.is_file():
-        raise GatewayError(404, "model_not_found", f"no archive {url!r} in the model store")
+        raise ModelNotFound(f"no archive {url!r} in the model store")
     return url
 
 

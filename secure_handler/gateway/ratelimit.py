@@ -14,7 +14,8 @@ import time
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from .config import GatewayConfig, RateLimit, RedisConfig
+from secure_handler.errors import RateLimiterUnavailable
+from secure_handler.gateway.config import GatewayConfig, RateLimit, RedisConfig
 
 __all__ = [
     "Decision",
@@ -37,10 +38,6 @@ class Decision:
     def retry_after_header(self) -> str:
         """`Retry-After` in whole seconds, never 0 (a client retrying at once is refused)."""
         return str(max(1, math.ceil(self.retry_after_s)))
-
-
-class RateLimiterUnavailable(RuntimeError):
-    """The shared limiter could not be asked; the gateway fails closed."""
 
 
 class RateLimiter(Protocol):

@@ -18,8 +18,8 @@ from typing import Any, Literal
 
 import httpx
 
-from .config import UpstreamConfig
-from .errors import UpstreamError
+from secure_handler.gateway.config import UpstreamConfig
+from secure_handler.gateway.errors import UpstreamError, UpstreamTimeout, UpstreamUnavailable
 
 __all__ = [
     "TOKEN_FAILURE_MARKER",
@@ -268,8 +268,8 @@ def _token_refused(content: bytes) -> bool:
 
 
 def _unreachable(message: str) -> UpstreamError:
-    return UpstreamError(502, "upstream_unavailable", message)
+    return UpstreamUnavailable(message)
 
 
 def _timeout() -> UpstreamError:
-    return UpstreamError(504, "upstream_timeout", "TorchServe did not answer in time")
+    return UpstreamTimeout("TorchServe did not answer in time")

@@ -27,7 +27,7 @@ import torch
 from support import LABELS, archive_mar, build_tiny_classifier, script_and_save
 
 from secure_handler.cli import main
-from secure_handler.loading import sha256_file
+from secure_handler.serving.loading import sha256_file
 
 
 class _SystemCall:

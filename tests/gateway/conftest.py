@@ -26,9 +26,9 @@ sys.path.insert(0, str(Path(__file__).parent))  # gateway_support, as tests/ doe
 from gateway_support import IMAGE_TYPES, REPO, KeySet, MakeConfig, Upstream
 from support import classifier_mar, running_server
 
+from secure_handler.deploy.launcher import free_port
+from secure_handler.deploy.tsconfig import ModelSpec
 from secure_handler.gateway.config import GatewayConfig
-from secure_handler.server import free_port
-from secure_handler.tsconfig import ModelSpec
 
 
 @pytest.fixture(scope="session")

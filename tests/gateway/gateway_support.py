@@ -18,9 +18,9 @@ import pytest
 import yaml
 from support import ServerInfo
 
+from secure_handler.deploy.launcher import free_port
 from secure_handler.gateway.config import GatewayConfig, KeyEntry, RateLimit
 from secure_handler.gateway.keys import generate_key, hash_key
-from secure_handler.server import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 IMAGE_TYPES = ["image/jpeg", "image/png"]

@@ -13,8 +13,8 @@ import pytest
 from gateway_support import KeySet, MakeConfig, Upstream, gateway_process, write_config
 from support import image_bytes, running_server
 
+from secure_handler.deploy.launcher import free_port
 from secure_handler.gateway.config import RateLimit
-from secure_handler.server import free_port
 
 pytestmark = pytest.mark.integration
 

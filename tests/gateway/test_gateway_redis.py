@@ -8,13 +8,13 @@ import uuid
 import pytest
 import redis
 
+from secure_handler.deploy.launcher import free_port
 from secure_handler.gateway.config import RateLimit, RedisConfig
 from secure_handler.gateway.ratelimit import (
     Decision,
     RateLimiterUnavailable,
     RedisRateLimiter,
 )
-from secure_handler.server import free_port
 
 pytestmark = pytest.mark.integration
 

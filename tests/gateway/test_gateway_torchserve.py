@@ -16,9 +16,9 @@ import pytest
 from gateway_support import KeySet, MakeConfig, Upstream, serve_gateway
 from support import image_bytes
 
+from secure_handler.deploy.launcher import free_port
 from secure_handler.gateway.config import GatewayConfig, RateLimit
 from secure_handler.gateway.keys import generate_key, hash_key
-from secure_handler.server import free_port
 
 pytestmark = pytest.mark.integration
 

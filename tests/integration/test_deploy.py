@@ -1,7 +1,7 @@
 """`config` → `audit-config` → `serve` → `client` → `stop`, against a real torchserve.
 
 The store holds the tiny classifier archived with the real torch-model-archiver, with embedded
-digests and a lock file from `secure_handler.archive`. Every server is stopped at the end, even
+digests and a lock file from `secure_handler.supply.verify`. Every server is stopped at the end, even
 when a test fails.
 """
 
@@ -23,11 +23,11 @@ import pytest
 from support import classifier_mar, image_bytes
 
 from secure_handler import errors
-from secure_handler.archive import embed_digests, lock_store, render_lock
 from secure_handler.cli import main
 from secure_handler.client import Client, Unauthorized
-from secure_handler.deploy_cli import ServeState, _group_alive, stop_server
-from secure_handler.server import java_problem
+from secure_handler.deploy.cli import ServeState, _group_alive, stop_server
+from secure_handler.deploy.launcher import java_problem
+from secure_handler.supply.verify import embed_digests, lock_store, render_lock
 
 pytestmark = [
     pytest.mark.slow,

@@ -17,8 +17,8 @@ import pytest
 from PIL import Image
 from support import classifier_mar, image_bytes, post, running_server
 
-from secure_handler.server import http_json
-from secure_handler.tsconfig import ModelSpec
+from secure_handler.deploy.launcher import http_json
+from secure_handler.deploy.tsconfig import ModelSpec
 
 
 def _png_bomb_header(width: int, height: int) -> bytes:

@@ -25,9 +25,9 @@ from support import LABELS, build_tiny_classifier, classifier_mar, image_bytes, 
 
 import secure_handler
 from secure_handler import SecureImageClassifier
-from secure_handler.metrics import REJECTED_METRIC, STAGE_METRIC, STAGES
+from secure_handler.deploy.tsconfig import ModelSpec
+from secure_handler.serving.metrics import REJECTED_METRIC, STAGE_METRIC, STAGES
 from secure_handler.testing import Request, make_context, run_batch
-from secure_handler.tsconfig import ModelSpec
 
 METRICS_YAML = Path(secure_handler.__file__).parent / "metrics.yaml"
 LIMIT = 200_000

@@ -29,9 +29,9 @@ from support import (
 )
 
 from secure_handler.cli import main
-from secure_handler.loading import TRUST_STORE_ENV
-from secure_handler.server import http_json
-from secure_handler.tsconfig import ModelSpec
+from secure_handler.deploy.launcher import http_json
+from secure_handler.deploy.tsconfig import ModelSpec
+from secure_handler.serving.loading import TRUST_STORE_ENV
 
 SPEC = ModelSpec("tiny", "tiny.mar", batch_size=1)
 

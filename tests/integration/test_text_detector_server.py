@@ -26,8 +26,8 @@ from support_models import (
     write_text_files,
 )
 
-from secure_handler.server import http_json
-from secure_handler.tsconfig import ModelSpec
+from secure_handler.deploy.launcher import http_json
+from secure_handler.deploy.tsconfig import ModelSpec
 
 MODELS = ("text", "det_tensor", "det_list")
 

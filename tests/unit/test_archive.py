@@ -19,17 +19,17 @@ from hypothesis import strategies as st
 from support import LABELS, archive_mar, build_tiny_classifier, write_image_handler
 
 import secure_handler
-from secure_handler.archive import MANIFEST_MEMBER, verify_mar, verify_store
 from secure_handler.cli import main
-from secure_handler.findings import RULES
-from secure_handler.loading import (
+from secure_handler.serving.loading import (
     DIGESTS_MEMBER,
     TRUST_STORE_ENV,
     sha256_file,
     verify_embedded_digests,
     verify_trust_store,
 )
-from secure_handler.templates import HANDLER_KINDS, write_handler
+from secure_handler.supply.findings import RULES
+from secure_handler.supply.templates import HANDLER_KINDS, write_handler
+from secure_handler.supply.verify import MANIFEST_MEMBER, verify_mar, verify_store
 
 
 @dataclass

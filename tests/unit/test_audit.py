@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from secure_handler.audit import (
+from secure_handler.cli import main
+from secure_handler.deploy.audit import (
     AuditContext,
     audit,
     audit_file,
@@ -22,8 +23,7 @@ from secure_handler.audit import (
     format_markdown,
     parse_cmdline,
 )
-from secure_handler.cli import main
-from secure_handler.tsconfig import (
+from secure_handler.deploy.tsconfig import (
     DEFAULT_ALLOWED_URLS,
     HandlerLimits,
     ModelSpec,

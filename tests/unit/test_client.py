@@ -31,7 +31,7 @@ from secure_handler.client import (
     Unauthorized,
     UnexpectedResponse,
 )
-from secure_handler.server import free_port
+from secure_handler.deploy.launcher import free_port
 
 pytest.importorskip("httpx")
 

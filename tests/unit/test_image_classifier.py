@@ -208,7 +208,7 @@ def test_eager_manifest_is_refused(model_dir: Path) -> None:
 def test_model_sha256_pin(model_dir: Path) -> None:
     with pytest.raises(ConfigurationError, match="does not match"):
         make_handler(model_dir, {"model_sha256": "0" * 64})
-    from secure_handler.loading import sha256_file
+    from secure_handler.serving.loading import sha256_file
 
     handler, _ = make_handler(model_dir, {"model_sha256": sha256_file(model_dir / "model.pt")})
     assert handler.initialized

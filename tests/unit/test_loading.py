@@ -12,7 +12,7 @@ import torch
 from support import build_tiny_classifier
 
 from secure_handler import ConfigurationError, IntegrityError, UnsafeModelError
-from secure_handler.loading import (
+from secure_handler.serving.loading import (
     DIGESTS_MEMBER,
     TRUST_STORE_ENV,
     check_manifest,

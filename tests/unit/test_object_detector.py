@@ -13,7 +13,7 @@ from support import build_tiny_classifier, image_bytes
 from support_models import build_detector, iou, scene, write_detector_labels
 
 from secure_handler import ConfigurationError, SecureImageClassifier, SecureObjectDetector
-from secure_handler.object_detector import detect_contract, split_detections
+from secure_handler.serving.image.detector import detect_contract, split_detections
 from secure_handler.testing import Request, make_context, run_batch
 
 MANIFEST = {"model": {"modelName": "det", "serializedFile": "model.pt",

@@ -7,7 +7,7 @@ import base64
 import pytest
 
 from secure_handler import EmptyBody, InvalidBase64, MalformedRequest, PayloadTooLarge
-from secure_handler.payload import b64_limit, decode_base64, extract, json_field
+from secure_handler.serving.envelope import b64_limit, decode_base64, extract, json_field
 
 
 def test_extract_reads_body_and_content_type() -> None:

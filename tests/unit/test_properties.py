@@ -1,4 +1,4 @@
-"""`secure_handler.properties` reads config.properties exactly like the JVM does.
+"""`secure_handler.deploy.javaprops` reads config.properties exactly like the JVM does.
 
 The reference is the real `java.util.Properties.load(InputStream)` of the Java 17 on PATH: a
 small Java program dumps what it parsed, and every case (hand-written and random) must match.
@@ -15,7 +15,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from secure_handler.properties import (
+from secure_handler.deploy.javaprops import (
     PropertiesError,
     dumps,
     entries,

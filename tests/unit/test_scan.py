@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 
 from secure_handler.cli import main
-from secure_handler.findings import RULES
-from secure_handler.scan import scan_source
-from secure_handler.templates import HANDLER_KINDS, render_handler
+from secure_handler.supply.findings import RULES
+from secure_handler.supply.scan import scan_source
+from secure_handler.supply.templates import HANDLER_KINDS, render_handler
 
 
 def rules(source: str) -> list[str]:

@@ -1,4 +1,4 @@
-"""secure_handler.text: strict UTF-8, normalisation, forbidden characters, tokenizers, padding."""
+"""secure_handler.serving.text.tokenize: strict UTF-8, normalisation, forbidden characters, tokenizers, padding."""
 
 from __future__ import annotations
 
@@ -21,8 +21,8 @@ from secure_handler import (
     TextTooLong,
     TooManyTokens,
 )
-from secure_handler import text as T
 from secure_handler.limits import build_limits
+from secure_handler.serving.text import tokenize as T
 
 LIMITS = TextLimits()
 

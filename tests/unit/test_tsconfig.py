@@ -11,10 +11,10 @@ from typing import Any
 import pytest
 import yaml
 
-from secure_handler.audit import audit_file
 from secure_handler.cli import main
-from secure_handler.properties import load
-from secure_handler.tsconfig import (
+from secure_handler.deploy.audit import audit_file
+from secure_handler.deploy.javaprops import load
+from secure_handler.deploy.tsconfig import (
     HandlerLimits,
     ModelSpec,
     Ports,

@@ -20,7 +20,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .archive import (
+from secure_handler.errors import ConfigurationError
+from secure_handler.serving.loading import DIGESTS_MEMBER, sha256_file
+from secure_handler.supply.findings import Finding, blocking, finding
+from secure_handler.supply.templates import HANDLER_KINDS, write_handler
+from secure_handler.supply.verify import (
     MANIFEST_MEMBER,
     MarReport,
     VerifyOptions,
@@ -28,10 +32,7 @@ from .archive import (
     inspect_tree,
     verify_mar,
 )
-from .findings import Finding, blocking, finding
-from .loading import DIGESTS_MEMBER, sha256_file
-from .templates import HANDLER_KINDS, write_handler
-from .zipsafe import copy_file_nofollow
+from secure_handler.supply.zipsafe import copy_file_nofollow
 
 __all__ = ["ArchiveRequest", "ArchiveResult", "ArchiverError", "build_archive", "sidecar_text"]
 
@@ -44,7 +45,7 @@ _DROPPED_NAMES = ("MANIFEST.json", ".DS_Store")
 _DROPPED_SUFFIXES = (".pyc", ".mar")
 
 
-class ArchiverError(RuntimeError):
+class ArchiverError(ConfigurationError, RuntimeError):
     """torch-model-archiver itself failed (not a finding about the inputs)."""
 
 

@@ -31,8 +31,14 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from .errors import ConfigurationError, EmptyBody, InvalidText, TextTooLong, TooManyTokens
-from .limits import TextLimits
+from secure_handler.errors import (
+    ConfigurationError,
+    EmptyBody,
+    InvalidText,
+    TextTooLong,
+    TooManyTokens,
+)
+from secure_handler.limits import TextLimits
 
 __all__ = [
     "BYTE_PAD_ID",

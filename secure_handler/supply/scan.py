@@ -29,7 +29,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .findings import Finding, finding
+from secure_handler.supply.findings import Finding, finding
 
 __all__ = ["scan_file", "scan_paths", "scan_source"]
 

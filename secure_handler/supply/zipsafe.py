@@ -19,7 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import BinaryIO
 
-from .findings import Finding, finding
+from secure_handler.errors import ConfigurationError
+from secure_handler.supply.findings import Finding, finding
 
 __all__ = [
     "InflationError",
@@ -39,7 +40,7 @@ _ALLOWED_METHODS = frozenset({zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED})
 _COPY_CHUNK = 1 << 20
 
 
-class InflationError(ValueError):
+class InflationError(ConfigurationError, ValueError):
     """A member inflated past its declared size, or past the total budget."""
 
 

@@ -13,7 +13,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .archive import (
+from secure_handler.supply.build import ArchiveRequest, ArchiverError, build_archive
+from secure_handler.supply.findings import Finding, blocking
+from secure_handler.supply.scan import scan_paths
+from secure_handler.supply.templates import HANDLER_KINDS
+from secure_handler.supply.verify import (
     LockResult,
     MarReport,
     VerifyOptions,
@@ -24,11 +28,7 @@ from .archive import (
     verify_mar,
     verify_store,
 )
-from .build import ArchiveRequest, ArchiverError, build_archive
-from .findings import Finding, blocking
-from .scan import scan_paths
-from .templates import HANDLER_KINDS
-from .zipsafe import ZipLimits
+from secure_handler.supply.zipsafe import ZipLimits
 
 __all__ = ["register"]
 
@@ -230,7 +230,7 @@ def _verify_one(args: argparse.Namespace, options: VerifyOptions) -> MarReport:
         entry = entries[0]
     report = verify_mar(args.target, options, expected_sha256=expected, lock_entry=entry)
     if args.signature:
-        from .signing import SigningUnavailable, verify_signature
+        from secure_handler.supply.signing import SigningUnavailable, verify_signature
 
         try:
             bad = verify_signature(args.target, args.signature, args.public_key)
@@ -370,7 +370,7 @@ def _add_sign(sub: argparse._SubParsersAction[Any]) -> None:
 
 
 def _cmd_sign(args: argparse.Namespace) -> int:
-    from .signing import SigningUnavailable, sign_mar
+    from secure_handler.supply.signing import SigningUnavailable, sign_mar
 
     if not args.mar.is_file():
         return _usage_error("sign", FileNotFoundError(f"{args.mar} does not exist"))

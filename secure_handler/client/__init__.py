@@ -13,16 +13,11 @@ Needs httpx: `pip install 'secure-handler[client]'`.
 * Our handlers' JSON error bodies become the matching `secure_handler.errors` class, carrying
   `code`, `http_status` and the body; TorchServe's own errors become the client errors below.
 
-Client errors (all `SecureHandlerError`, so one `except` catches everything):
-
-* ClientError                 client_error
-  + ConnectionFailed          connection_failed      (no connection after every retry)
-  + Unauthorized              unauthorized           (token missing, wrong or expired)
-  + ModelNotFound             model_not_found
-  + ServiceUnavailable        service_unavailable    (503 after every retry)
-  + RequestTimedOut           request_timeout        (read timeout; not retried)
-  + ResponseTooLarge          response_too_large
-  + UnexpectedResponse        unexpected_response    (not JSON, or an unknown error shape)
+Every error is a `secure_handler.errors` class, chosen from the error body's `code` through
+the one error table (`secure_handler.errors.ERROR_TABLE`), never from message text; TorchServe's
+own error shape (`{"type": ...}`) maps by its type. The client-side ones: `ConnectionFailed`
+(no connection after every retry), `ConnectionLost` (broke mid-request; not retried),
+`RequestTimedOut` (read timeout; not retried), `ResponseTooLarge`, `UnexpectedResponse`.
 """
 
 from __future__ import annotations
@@ -41,9 +36,21 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
-from . import errors
-from .errors import SecureHandlerError
-from .server import read_key_file
+from secure_handler import errors
+from secure_handler.deploy.launcher import read_key_file
+from secure_handler.errors import (
+    ClientError,
+    ConnectionFailed,
+    ConnectionLost,
+    ModelNotFound,
+    RequestTimedOut,
+    ResponseTooLarge,
+    SecureHandlerError,
+    ServiceUnavailable,
+    Unauthorized,
+    UnexpectedResponse,
+    error_class,
+)
 
 if TYPE_CHECKING:
     import httpx
@@ -55,6 +62,7 @@ __all__ = [
     "Client",
     "ClientError",
     "ConnectionFailed",
+    "ConnectionLost",
     "ModelNotFound",
     "PredictRequest",
     "RequestTimedOut",
@@ -76,82 +84,17 @@ DEFAULT_CONTENT_TYPES = frozenset({
 MiB = 1024 * 1024
 
 
-# --- errors ------------------------------------------------------------------------------
+# --- errors: the classes live in secure_handler.errors, mapped by code -------------
 
 
-class ClientError(SecureHandlerError):
-    """The call failed for a reason other than one of our handlers' error codes."""
-
-    status = 502
-    code = "client_error"
-
-
-class ConnectionFailed(ClientError):
-    """No connection could be made, after every retry."""
-
-    status = 503
-    code = "connection_failed"
-
-
-class Unauthorized(ClientError):
-    """TorchServe refused the token (it answers 400 InvalidKeyException)."""
-
-    status = 401
-    code = "unauthorized"
-
-
-class ModelNotFound(ClientError):
-    """No such model or version is registered."""
-
-    status = 404
-    code = "model_not_found"
-
-
-class ServiceUnavailable(ClientError):
-    """503 after every retry: the queue is full or no worker is up."""
-
-    status = 503
-    code = "service_unavailable"
-
-
-class RequestTimedOut(ClientError):
-    """The server did not answer within the read timeout (not retried: it may have run)."""
-
-    status = 504
-    code = "request_timeout"
-
-
-class ResponseTooLarge(ClientError):
-    """The response body is over `max_response_bytes`; it was not read."""
-
-    code = "response_too_large"
-
-
-class UnexpectedResponse(ClientError):
-    """A response this client cannot interpret (not JSON, or an unknown error shape)."""
-
-    code = "unexpected_response"
-
-
-def _error_classes() -> dict[str, type[SecureHandlerError]]:
-    """code → most specific class, over the library's tree and the client errors."""
-    found: dict[str, type[SecureHandlerError]] = {}
-    pending: list[type[SecureHandlerError]] = [SecureHandlerError]
-    while pending:
-        cls = pending.pop(0)
-        found[cls.code] = cls  # breadth-first: a subclass sharing a code wins
-        pending.extend(cls.__subclasses__())
-    return found
-
-
-_TORCHSERVE_TYPES: dict[str, type[ClientError]] = {
+_TORCHSERVE_TYPES: dict[str, type[SecureHandlerError]] = {
     "InvalidKeyException": Unauthorized,
     "ModelNotFoundException": ModelNotFound,
     "ModelVersionNotFoundException": ModelNotFound,
     "ServiceUnavailableException": ServiceUnavailable,
 }
 _STATUS_FALLBACK: dict[int, type[SecureHandlerError]] = {
-    401: Unauthorized, 403: Unauthorized, 404: ModelNotFound, 413: errors.PayloadTooLarge,
+    401: Unauthorized, 403: errors.Forbidden, 404: ModelNotFound, 413: errors.PayloadTooLarge,
     415: errors.UnsupportedMediaType, 503: ServiceUnavailable, 507: errors.OutOfMemory,
 }
 
@@ -164,7 +107,7 @@ def _raise_for(status: int, body: bytes, headers: Mapping[str, str]) -> None:
     if isinstance(parsed, dict) and isinstance(parsed.get("error"), dict):
         code = str(parsed["error"].get("code", ""))
         message = str(parsed["error"].get("message", message))
-        cls = _error_classes().get(code, UnexpectedResponse)
+        cls = error_class(code) or UnexpectedResponse
     elif isinstance(parsed, dict) and "type" in parsed:  # TorchServe's own error body
         message = str(parsed.get("message", message))
         cls = _TORCHSERVE_TYPES.get(str(parsed["type"]), _STATUS_FALLBACK.get(
@@ -175,6 +118,18 @@ def _raise_for(status: int, body: bytes, headers: Mapping[str, str]) -> None:
     exc.http_status = status  # type: ignore[attr-defined]
     exc.body = parsed if parsed is not None else body[:1000]  # type: ignore[attr-defined]
     raise exc
+
+
+def _retryable(status: int, body: bytes) -> bool:
+    """Whether an error answer may succeed if sent again: by its code, else a bare 503."""
+    if status < 400:
+        return False
+    parsed = _json_or_none(body) if len(body) < 65536 else None
+    if isinstance(parsed, dict) and isinstance(parsed.get("error"), dict):
+        cls = error_class(str(parsed["error"].get("code", "")))
+        if cls is not None:
+            return cls.retryable
+    return status == 503
 
 
 def _json_or_none(body: bytes) -> Any:
@@ -346,8 +301,9 @@ class _Base:
     def _retry_delay(self, attempt: int, method: str, url: str, outcome: _Outcome) -> float | None:
         """Seconds to wait before retrying `outcome`, or None when it is the answer.
 
-        Only 503s and failures before the request reached the server are retried, at most
-        `retries` times; any other transport failure raises at once (it may have run).
+        Only answers whose code the error table marks retryable (or a bare 503) and failures
+        before the request reached the server are retried, at most `retries` times; any other
+        transport failure raises at once (it may have run).
         """
         if isinstance(outcome, BaseException):
             if not isinstance(outcome, _connect_errors()):
@@ -355,8 +311,8 @@ class _Base:
             if attempt >= self.policy.retries:
                 raise ConnectionFailed(f"{method} {url}: {outcome!r}") from outcome
             return self.policy.delay(attempt, {})
-        status, _, headers = outcome
-        if status != 503 or attempt >= self.policy.retries:
+        status, body, headers = outcome
+        if not _retryable(status, body) or attempt >= self.policy.retries:
             return None
         return self.policy.delay(attempt, headers)
 
@@ -409,13 +365,13 @@ def _transport_errors() -> tuple[type[Exception], ...]:
     return (httpx.TransportError,)
 
 
-def _transport_error(method: str, url: str, exc: Exception) -> ClientError:
+def _transport_error(method: str, url: str, exc: Exception) -> SecureHandlerError:
     """Map a failure after the request may have reached the server (never retried)."""
     import httpx
 
     if isinstance(exc, httpx.TimeoutException):
         return RequestTimedOut(f"{method} {url}: no complete response in time ({exc!r})")
-    return ConnectionFailed(f"{method} {url}: the connection failed mid-request ({exc!r})")
+    return ConnectionLost(f"{method} {url}: the connection failed mid-request ({exc!r})")
 
 
 class Client(_Base):

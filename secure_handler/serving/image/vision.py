@@ -12,10 +12,11 @@ from typing import Any, ClassVar
 
 from PIL import Image
 
-from . import images, payload
-from .errors import InvalidImage, MalformedRequest
-from .handler import SecureBaseHandler
-from .limits import ImageLimits
+from secure_handler.errors import InvalidImage, MalformedRequest
+from secure_handler.limits import ImageLimits
+from secure_handler.serving import envelope as payload
+from secure_handler.serving.base import SecureBaseHandler
+from secure_handler.serving.image import decode as images
 
 __all__ = ["OpenedImage", "SecureVisionHandler"]
 

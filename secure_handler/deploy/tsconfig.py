@@ -19,11 +19,11 @@ from typing import Any
 
 import yaml
 
-from .limits import BaseLimits
-from .properties import dumps
+from secure_handler.deploy.javaprops import dumps
+from secure_handler.limits import BaseLimits
 
 #: TorchServe metrics config declaring the handlers' custom metrics (see metrics.yaml).
-METRICS_CONFIG = Path(__file__).with_name("metrics.yaml")
+METRICS_CONFIG = Path(__file__).parent.parent / "serving" / "metrics.yaml"
 
 __all__ = [
     "DEFAULT_ALLOWED_URLS",

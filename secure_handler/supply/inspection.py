@@ -20,12 +20,12 @@ from typing import Any
 
 import yaml
 
-from .errors import UnsafeModelError
-from .findings import Finding, blocking, finding
-from .loading import DIGESTS_MEMBER, check_torchscript_archive, sha256_file
-from .pickles import report_pickle, sniff_pickle
-from .scan import scan_file
-from .zipsafe import ZipLimits, check_entries
+from secure_handler.errors import UnsafeModelError
+from secure_handler.serving.loading import DIGESTS_MEMBER, check_torchscript_archive, sha256_file
+from secure_handler.supply.findings import Finding, blocking, finding
+from secure_handler.supply.pickles import report_pickle, sniff_pickle
+from secure_handler.supply.scan import scan_file
+from secure_handler.supply.zipsafe import ZipLimits, check_entries
 
 __all__ = ["MANIFEST_MEMBER", "MarReport", "VerifyOptions", "inspect_tree", "read_json"]
 

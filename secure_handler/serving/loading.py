@@ -18,7 +18,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .errors import ConfigurationError, IntegrityError, UnsafeModelError
+from secure_handler.errors import ConfigurationError, IntegrityError, UnsafeModelError
 
 if TYPE_CHECKING:  # torch is imported where it is used, so the CLI starts fast
     import torch

@@ -30,10 +30,21 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .findings import Finding, blocking, finding
-from .loading import DIGESTS_MEMBER, sha256_file
-from .marcheck import MANIFEST_MEMBER, MarReport, VerifyOptions, inspect_tree, read_json
-from .zipsafe import InflationError, check_entries, check_local_headers, extract_checked
+from secure_handler.serving.loading import DIGESTS_MEMBER, sha256_file
+from secure_handler.supply.findings import Finding, blocking, finding
+from secure_handler.supply.inspection import (
+    MANIFEST_MEMBER,
+    MarReport,
+    VerifyOptions,
+    inspect_tree,
+    read_json,
+)
+from secure_handler.supply.zipsafe import (
+    InflationError,
+    check_entries,
+    check_local_headers,
+    extract_checked,
+)
 
 __all__ = [
     "DIGESTS_FORMAT",

@@ -19,11 +19,12 @@ from typing import Any, ClassVar
 
 import torch
 
-from . import payload, text
-from .errors import ConfigurationError, MalformedRequest
-from .handler import SecureBaseHandler
-from .image_classifier import load_labels, top_k
-from .limits import TextClassifierLimits
+from secure_handler.errors import ConfigurationError, MalformedRequest
+from secure_handler.limits import TextClassifierLimits
+from secure_handler.serving import envelope as payload
+from secure_handler.serving.base import SecureBaseHandler
+from secure_handler.serving.outputs import load_labels, top_k
+from secure_handler.serving.text import tokenize as text
 
 __all__ = ["SecureTextClassifier"]
 

@@ -26,10 +26,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from secure_handler.errors import ConfigurationError
+
 __all__ = ["TorchServe", "TorchServeError", "free_port", "java_problem", "read_key_file"]
 
 
-class TorchServeError(RuntimeError):
+class TorchServeError(ConfigurationError, RuntimeError):
     """torchserve could not be started, or a model did not become ready."""
 
 

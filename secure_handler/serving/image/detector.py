@@ -32,11 +32,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-from . import images
-from .errors import ConfigurationError
-from .image_classifier import load_labels
-from .limits import ObjectDetectorLimits
-from .vision import OpenedImage, SecureVisionHandler
+from secure_handler.errors import ConfigurationError
+from secure_handler.limits import ObjectDetectorLimits
+from secure_handler.serving.image import decode as images
+from secure_handler.serving.image.vision import OpenedImage, SecureVisionHandler
+from secure_handler.serving.outputs import load_labels
 
 __all__ = ["SecureObjectDetector", "detect_contract", "display_size", "split_detections"]
 

@@ -28,8 +28,7 @@ from typing import Any, ClassVar
 import torch
 from ts.torch_handler.base_handler import BaseHandler
 
-from . import loading
-from .errors import (
+from secure_handler.errors import (
     BatchError,
     BatchLimitExceeded,
     ConfigurationError,
@@ -38,8 +37,9 @@ from .errors import (
     RequestError,
     SecureHandlerError,
 )
-from .limits import BaseLimits, build_limits
-from .metrics import StageTimer, count_rejection
+from secure_handler.limits import BaseLimits, build_limits
+from secure_handler.serving import loading
+from secure_handler.serving.metrics import StageTimer, count_rejection
 
 __all__ = ["SecureBaseHandler"]
 

@@ -19,6 +19,8 @@ import os
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
+from secure_handler.errors import ConfigurationError
+
 __all__ = [
     "Entry",
     "PropertiesError",
@@ -37,7 +39,7 @@ _ESCAPES = {"t": "\t", "r": "\r", "n": "\n", "f": "\f"}
 _HEX = frozenset("0123456789abcdefABCDEF")
 
 
-class PropertiesError(ValueError):
+class PropertiesError(ConfigurationError, ValueError):
     """The file is not valid Java properties (Java throws IllegalArgumentException here)."""
 
 

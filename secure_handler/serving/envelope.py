@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import EmptyBody, InvalidBase64, MalformedRequest, PayloadTooLarge
+from secure_handler.errors import EmptyBody, InvalidBase64, MalformedRequest, PayloadTooLarge
 
 __all__ = ["Payload", "b64_limit", "check_size", "decode_base64", "extract", "json_field"]
 

@@ -16,8 +16,8 @@ import struct
 import numpy as np
 from PIL import Image, ImageOps
 
-from .errors import AnimatedImage, ImageTooLarge, InvalidImage, UnsupportedMediaType
-from .limits import ImageLimits
+from secure_handler.errors import AnimatedImage, ImageTooLarge, InvalidImage, UnsupportedMediaType
+from secure_handler.limits import ImageLimits
 
 __all__ = [
     "ImageSize",

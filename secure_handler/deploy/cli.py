@@ -3,7 +3,7 @@
 * `config` writes a hardened `config.properties` for a model store and prints the exact
   `torchserve` command (always `--ncs --ts-config`).
 * `audit-config` reports what is wrong with a config, its command line and its environment
-  (`secure_handler.audit`); exit 1 when any finding is high.
+  (`secure_handler.deploy.audit`); exit 1 when any finding is high.
 * `serve` verifies every MAR against the lock, writes or audits the config, starts the real
   torchserve and waits for READY. Detached by default (`stop` ends it, via a state file);
   `--foreground` stays attached and stops TorchServe on Ctrl-C or SIGTERM.
@@ -29,7 +29,7 @@ from typing import Any
 
 import yaml
 
-from .audit import (
+from secure_handler.deploy.audit import (
     ConfigFinding,
     audit_file,
     blocking,
@@ -37,11 +37,16 @@ from .audit import (
     format_findings,
     format_markdown,
 )
-from .loading import TRUST_STORE_ENV
-from .properties import PropertiesError
-from .properties import load as load_properties
-from .server import TorchServe, TorchServeError, free_port, http_json, read_key_file
-from .tsconfig import (
+from secure_handler.deploy.javaprops import PropertiesError
+from secure_handler.deploy.javaprops import load as load_properties
+from secure_handler.deploy.launcher import (
+    TorchServe,
+    TorchServeError,
+    free_port,
+    http_json,
+    read_key_file,
+)
+from secure_handler.deploy.tsconfig import (
     HandlerLimits,
     ModelSpec,
     Ports,
@@ -51,6 +56,8 @@ from .tsconfig import (
     read_mar_limits,
     render_properties,
 )
+from secure_handler.errors import ConfigurationError
+from secure_handler.serving.loading import TRUST_STORE_ENV
 
 __all__ = ["ServeState", "register", "state_path", "stop_server"]
 
@@ -67,7 +74,7 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
     _register_stop(sub)
 
 
-class UsageError(Exception):
+class UsageError(ConfigurationError):
     """Bad arguments or unreadable inputs: exit code 2 with the message."""
 
 
@@ -382,13 +389,15 @@ def _register_stop(sub: argparse._SubParsersAction[Any]) -> None:
 
 
 def _verify_store(store: Path, lock: Path) -> list[Any]:
-    from .archive import verify_store  # the supply-chain checks; imported only when serving
+    from secure_handler.supply.verify import (
+        verify_store,  # the supply-chain checks; imported only when serving
+    )
 
     return list(verify_store(store, lock))
 
 
 def _lock_models(lock: Path) -> list[dict[str, Any]]:
-    from .archive import read_lock
+    from secure_handler.supply.verify import read_lock
 
     return list(read_lock(lock)["models"])
 
@@ -519,7 +528,7 @@ def spawn_detached(server: TorchServe) -> tuple[int, int]:
 
 
 def _java_problem() -> str | None:
-    from .server import java_problem
+    from secure_handler.deploy.launcher import java_problem
 
     return java_problem()
 

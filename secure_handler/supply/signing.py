@@ -12,7 +12,8 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from .findings import Finding, finding
+from secure_handler.errors import ConfigurationError
+from secure_handler.supply.findings import Finding, finding
 
 __all__ = ["SigningUnavailable", "default_signature_path", "sign_mar", "verify_signature"]
 
@@ -21,7 +22,7 @@ logger = logging.getLogger(__name__)
 _HINT = "install the `sign` extra: pip install 'secure-handler[sign]'"
 
 
-class SigningUnavailable(RuntimeError):
+class SigningUnavailable(ConfigurationError, RuntimeError):
     """model_signing is not installed (or fails to import)."""
 
 

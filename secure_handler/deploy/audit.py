@@ -7,7 +7,7 @@ the way TorchServe 0.12 reads it and reports every setting that reopens one of t
 
 What TorchServe actually uses is reconstructed first (`effective_properties`):
 
-1. the file, parsed with the Java rules (`secure_handler.properties`);
+1. the file, parsed with the Java rules (`secure_handler.deploy.javaprops`);
 2. `$$NAME$$` references replaced from the environment, as the frontend does;
 3. with `enable_envvars_config=true`, every `TS_*` variable overriding its key
    (`TS_ALLOWED_URLS` only with `use_env_allowed_urls=true`);
@@ -33,8 +33,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from .properties import Entry, entries, launcher_view
-from .tsconfig import (
+from secure_handler.deploy.javaprops import Entry, entries, launcher_view
+from secure_handler.deploy.tsconfig import (
     DEFAULT_ALLOWED_URLS,
     HandlerLimits,
     frontend_request_limit,

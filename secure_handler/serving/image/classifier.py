@@ -8,7 +8,6 @@ the whole batch in float, instead of per image as torchvision's transforms do.
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -19,51 +18,12 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .errors import ConfigurationError
-from .limits import ImageClassifierLimits
-from .vision import SecureVisionHandler
+from secure_handler.errors import ConfigurationError
+from secure_handler.limits import ImageClassifierLimits
+from secure_handler.serving.image.vision import SecureVisionHandler
+from secure_handler.serving.outputs import load_labels, top_k
 
-__all__ = ["SecureImageClassifier", "load_labels"]
-
-MAX_LABELS = 100_000
-
-
-def load_labels(path: Path) -> dict[int, str]:
-    """Read `index_to_name.json`: JSON only, `{"0": "cat", ...}`; validated, never unpickled."""
-    if not path.is_file():
-        return {}
-    try:
-        raw = json.loads(path.read_text("utf-8"))
-    except (OSError, ValueError) as exc:
-        raise ConfigurationError(f"{path.name} is not valid JSON: {exc}") from exc
-    if not isinstance(raw, dict) or len(raw) > MAX_LABELS:
-        raise ConfigurationError(f"{path.name} must be an object mapping class index to label")
-    labels: dict[int, str] = {}
-    for key, value in raw.items():
-        if not (isinstance(key, str) and key.isdigit()) or not isinstance(value, str):
-            raise ConfigurationError(
-                f"{path.name}: entry {key!r}: {value!r} must map a class index like \"0\" to a "
-                "label string"
-            )
-        labels[int(key)] = value
-    return labels
-
-
-def top_k(
-    logits: torch.Tensor, k: int, digits: int, labels: dict[int, str]
-) -> list[dict[str, Any]]:
-    """Softmax top-k per row → `{"predictions": [{"label", "class", "probability"}]}`."""
-    probs = torch.softmax(logits.detach().float().cpu(), dim=1)
-    values, classes = probs.topk(min(k, probs.shape[1]), dim=1)
-    results = []
-    for row_p, row_c in zip(values.tolist(), classes.tolist(), strict=True):
-        preds = [
-            {"label": labels.get(c, str(c)), "class": c, "probability": round(p, digits)}
-            for p, c in zip(row_p, row_c, strict=True)
-        ]
-        results.append({"predictions": preds})
-    return results
-
+__all__ = ["SecureImageClassifier"]
 
 class SecureImageClassifier(SecureVisionHandler):
     """Hardened, batched image classifier for TorchScript models.
