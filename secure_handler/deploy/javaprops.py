@@ -16,6 +16,7 @@ reader, so an audit can see both and notice where they disagree.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
@@ -217,9 +218,13 @@ def launcher_view(text: str) -> dict[str, str]:
     It strips each physical line, skips lines starting with `#`, splits on the first `=` and
     strips both sides: no `:` separator, no `!` comments, no escapes, no continuations. The
     launcher takes `vmargs` (extra JVM arguments) and `plugins_path` (extra classpath) from it.
+    Lines end where a text-mode file iterator ends them (`\n`, `\r`, `\r\n`), not at every
+    character `str.splitlines()` breaks on (`\x1c`, U+2028...): those stay inside the line,
+    where `strip()` and `str.split()` still treat them as spaces. `text` must be decoded as
+    the launcher decodes it (its locale's encoding, usually UTF-8).
     """
     props: dict[str, str] = {}
-    for raw in text.splitlines():
+    for raw in re.split(r"\r\n|\r|\n", text):
         line = raw.strip()
         if line.startswith("#"):
             continue

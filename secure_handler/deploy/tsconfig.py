@@ -18,9 +18,10 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from pydantic import ValidationError
 
 from secure_handler.deploy.javaprops import dumps
-from secure_handler.limits import BaseLimits
+from secure_handler.limits import DEFAULT_MAX_BATCH_SIZE, DEFAULT_MAX_REQUEST_BYTES, BaseLimits
 
 #: TorchServe metrics config declaring the handlers' custom metrics (see metrics.yaml).
 METRICS_CONFIG = Path(__file__).parent.parent / "serving" / "metrics.yaml"
@@ -36,7 +37,8 @@ __all__ = [
     "frontend_request_limit",
     "hardened_properties",
     "is_loopback",
-    "read_mar_limits",
+    "MarInfo",
+    "read_mar_info",
     "render_properties",
     "store_allowed_urls",
 ]
@@ -98,27 +100,31 @@ class Tls:
 
 @dataclass(frozen=True)
 class HandlerLimits:
-    """The handler settings the frontend config must agree with (from `handler:`)."""
+    """The handler settings the frontend config must agree with (from `handler:`).
 
-    max_request_bytes: int = BaseLimits.model_fields["max_request_bytes"].default
-    max_batch_size: int = BaseLimits.model_fields["max_batch_size"].default
+    A view of two fields of `BaseLimits`: their defaults and bounds are defined there, once.
+    """
+
+    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
+    max_batch_size: int = DEFAULT_MAX_BATCH_SIZE
 
     @classmethod
     def from_section(cls, section: Mapping[str, Any] | None) -> HandlerLimits:
         """Read the two sizes from a `handler:` mapping; other keys are the handler's business.
 
         Raises:
-            ValueError: a size that is not a positive integer.
+            ValueError: a size outside what `BaseLimits` accepts.
         """
-        values: dict[str, int] = {}
-        for key in ("max_request_bytes", "max_batch_size"):
-            value = (section or {}).get(key)
-            if value is None:
-                continue
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        values = {k: v for k, v in (section or {}).items() if k in _SIZE_KEYS}
+        for key, value in values.items():
+            if isinstance(value, bool) or not isinstance(value, int):
                 raise ValueError(f"handler `{key}` must be a positive integer, got {value!r}")
-            values[key] = value
-        return cls(**values)
+        try:
+            checked = BaseLimits.model_validate(values)
+        except ValidationError as exc:
+            raise ValueError(f"handler limits: {exc.errors()[0]['msg']} "
+                             f"({', '.join(map(str, exc.errors()[0]['loc']))})") from None
+        return cls(checked.max_request_bytes, checked.max_batch_size)
 
     @staticmethod
     def combined(limits: Iterable[HandlerLimits]) -> HandlerLimits:
@@ -130,36 +136,54 @@ class HandlerLimits:
                              max(x.max_batch_size for x in items))
 
 
-def read_mar_limits(mar: str | Path) -> tuple[str, HandlerLimits]:
-    """Model name and handler limits of a MAR, read from its manifest and model-config.yaml.
+_SIZE_KEYS = ("max_request_bytes", "max_batch_size")
 
-    Only JSON and YAML (`yaml.safe_load`) are read; no code in the archive runs.
+
+@dataclass(frozen=True)
+class MarInfo:
+    """What deployment needs from an archive: its name, version and handler limits."""
+
+    name: str
+    version: str
+    limits: HandlerLimits
+
+
+def read_mar_info(mar: str | Path) -> MarInfo:
+    """The one bounded reader of a MAR's manifest, model config and handler limits.
+
+    Opens the archive once; reads only JSON and YAML (`yaml.safe_load`), each member capped at
+    `_MAX_CONFIG_MEMBER` bytes; no code in the archive runs.
 
     Raises:
-        ValueError: the archive, its manifest or its config is malformed.
+        ValueError: the archive, its manifest or its config is malformed or too large.
     """
     try:
         with zipfile.ZipFile(mar) as archive:
             manifest = json.loads(_member(archive, "MAR-INF/MANIFEST.json"))
             model = manifest.get("model", {}) if isinstance(manifest, dict) else {}
+            if not isinstance(model, dict):
+                raise ValueError("the manifest's `model` is not an object")
             name = str(model.get("modelName") or Path(mar).stem)
+            version = str(model.get("modelVersion") or "1.0")
             config_file = manifest.get("configFile") or model.get("configFile")
-            if not config_file:
-                return name, HandlerLimits()
-            config = yaml.safe_load(_member(archive, str(config_file)))
+            config = yaml.safe_load(_member(archive, str(config_file))) if config_file else None
     except (OSError, zipfile.BadZipFile, KeyError, ValueError, yaml.YAMLError) as exc:
         raise ValueError(f"{mar}: cannot read the manifest or model config: {exc}") from exc
     section = config.get("handler") if isinstance(config, dict) else None
     if section is not None and not isinstance(section, dict):
         raise ValueError(f"{mar}: model-config.yaml `handler:` is not a mapping")
-    return name, HandlerLimits.from_section(section)
+    return MarInfo(name, version, HandlerLimits.from_section(section))
 
 
 def _member(archive: zipfile.ZipFile, name: str) -> bytes:
     info = archive.getinfo(name)
     if info.file_size > _MAX_CONFIG_MEMBER:
         raise ValueError(f"{name} is {info.file_size} bytes; refusing to read it")
-    return archive.read(info)
+    with archive.open(info) as member:  # read at most the cap, whatever the header claims
+        data = member.read(_MAX_CONFIG_MEMBER + 1)
+    if len(data) > _MAX_CONFIG_MEMBER:
+        raise ValueError(f"{name} inflates past {_MAX_CONFIG_MEMBER} bytes; refusing it")
+    return data
 
 
 def frontend_request_limit(max_request_bytes: int) -> int:
@@ -174,11 +198,13 @@ def frontend_request_limit(max_request_bytes: int) -> int:
 def store_allowed_urls(model_store: str | Path) -> str:
     """`allowed_urls`: archives directly inside the store, as file:// URLs, nothing else.
 
-    TorchServe compiles it case-insensitively and requires a full match; `[^/]+` keeps `..`
-    and subdirectories out, and no http(s) alternative is left (CVE-2023-43654).
+    TorchServe compiles it case-insensitively and requires a full match. The name admits no
+    `/` (subdirectories) and no `%`: Java percent-decodes file URL paths, so `[^/]+` would let
+    `%2e%2e%2f` climb out of the store past TorchServe's literal `..` check. No http(s)
+    alternative is left (CVE-2023-43654).
     """
     store = Path(model_store).resolve()
-    return "file://" + re.escape(str(store)) + "/[^/]+\\.mar"
+    return "file://" + re.escape(str(store)) + "/[A-Za-z0-9][A-Za-z0-9_.-]*\\.mar"
 
 
 def is_loopback(host: str) -> bool:
@@ -196,7 +222,7 @@ def hardened_properties(
     model_store: str | Path,
     ports: Ports = Ports(),
     models: tuple[ModelSpec, ...] = (),
-    max_request_bytes: int = 10 * 1024 * 1024,
+    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
     job_queue_size: int = 100,
     metrics_mode: str = "prometheus",
     *,
@@ -204,11 +230,15 @@ def hardened_properties(
     tls: Tls | None = None,
     token_expiration_min: int = 60,
     response_timeout_s: int = 60,
+    enable_model_api: bool = False,
 ) -> dict[str, str]:
     """The safe settings as an ordered mapping of key → value.
 
     `bind` moves only the inference API off loopback, and only with `tls`; management and
     metrics (which has no token check in TorchServe) always stay on 127.0.0.1.
+    `enable_model_api` turns register/unregister on, for the secure-handler gateway's register
+    path; management stays on loopback, and `audit-config` accepts it only when given the
+    gateway's config (`--gateway-config`).
 
     Raises:
         ValueError: a non-loopback `bind` without `tls`.
@@ -229,7 +259,7 @@ def hardened_properties(
         "model_store": str(store),
         "disable_token_authorization": "false",
         "token_expiration_min": str(token_expiration_min),
-        "enable_model_api": "false",
+        "enable_model_api": "true" if enable_model_api else "false",
         # Only archives from this store, as file:// URLs; no http(s) (CVE-2023-43654).
         "allowed_urls": store_allowed_urls(store),
         "use_env_allowed_urls": "false",

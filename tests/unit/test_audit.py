@@ -94,7 +94,8 @@ ROWS = [
         set={"allowed_urls": "file:///srv/store/.*\\.mar,HTTPS?://.*"}),
     Row("allowed_urls_one_remote_host", [("allowed_urls", "medium")],
         set={"allowed_urls": "https://models\\.example\\.com/.*\\.mar"}),
-    Row("allowed_urls_any_file", [("allowed_urls", "medium")], set={"allowed_urls": "file://.*"}),
+    # Java fetches file://HOST/... over FTP from HOST.
+    Row("allowed_urls_any_file", [("allowed_urls", "high")], set={"allowed_urls": "file://.*"}),
     Row("allowed_urls_escapes_store", [("allowed_urls", "medium")],
         set={"allowed_urls": "file://{store}/.*"}),
     Row("use_env_allowed_urls", [("use_env_allowed_urls", "medium")],
@@ -135,7 +136,8 @@ ROWS = [
     Row("vmargs_javaagent", [("vmargs", "high")], raw="vmargs=-Xmx2g -javaagent:/tmp/a.jar\n"),
     Row("vmargs_on_error", [("vmargs", "high")], raw="vmargs=-XX:OnError=/bin/sh\n"),
     Row("vmargs_memory_only", [("vmargs", "low")], raw="vmargs=-Xmx2g\n"),
-    Row("vmargs_hidden_by_continuation", [("vmargs", "high"), ("vmargs", "low")],
+    Row("vmargs_hidden_by_continuation",
+        [("vmargs", "high"), ("vmargs", "low"), ("note", "medium")],
         raw="note=harmless\\\nvmargs=-Xmx1g\n"),
     Row("plugins_path", [("plugins_path", "medium")], raw="plugins_path=/opt/ts-plugins\n"),
     Row("system_metrics_cmd", [("system_metrics_cmd", "high")],
@@ -150,7 +152,7 @@ ROWS = [
     Row("env_reference", [("metrics_mode", "low")], set={"metrics_mode": "$$MODE$$"},
         env={"MODE": "prometheus"}),
     Row("duplicate_key", [("enable_model_api", "low")], raw="enable_model_api=false\n"),
-    Row("misspelt_key", [("disable_token_authorisation", "low")],
+    Row("misspelt_key", [("disable_token_authorisation", "medium")],
         set={"disable_token_authorisation": "false"}),
     # Command line (parsed with TorchServe's own parser)
     Row("cmd_disable_token_auth", [("--disable-token-auth", "high")],

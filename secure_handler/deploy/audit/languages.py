@@ -1,0 +1,162 @@
+"""Questions about the strings a Java pattern admits, answered for all strings at once.
+
+`witness` intersects a pattern's NFA (`jregex.compile_java`) with a small DFA ("starts with
+http://", "a file URL outside the store") and returns a shortest shared string or None.
+`authorities` lists the URL authorities a pattern admits after a scheme, or says that it admits
+hosts that are not fixed names. Neither tries sample URLs: the answer covers every string.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from secure_handler.deploy.audit.jregex import ANY, CharSet, Nfa
+
+__all__ = ["Dfa", "authorities", "literal", "witness"]
+
+
+@dataclass(frozen=True)
+class Dfa:
+    """A complete DFA: each state's moves partition the alphabet (built by the helpers)."""
+
+    moves: tuple[tuple[tuple[CharSet, int], ...], ...]
+    accepting: frozenset[int]
+
+    @staticmethod
+    def prefix(steps: Sequence[CharSet]) -> Dfa:
+        """Strings that start with `steps` (one character set per position)."""
+        n = len(steps)  # state n: the prefix is read; n + 1: rejected
+        moves: list[tuple[tuple[CharSet, int], ...]] = [
+            ((chars, k + 1), (chars.complement(), n + 1)) for k, chars in enumerate(steps)]
+        moves += [((ANY, n),), ((ANY, n + 1),)]
+        return Dfa(_complete(moves), frozenset({n}))
+
+    @staticmethod
+    def outside(prefix: Sequence[CharSet], inside: Sequence[CharSet], tail: CharSet) -> Dfa:
+        """Strings that start with `prefix` but are not `prefix inside tail+`."""
+        steps = [*prefix, *inside, tail]
+        n = len(steps)  # state n: inside, in the tail loop; n + 1: rejected; n + 2: outside
+        moves: list[tuple[tuple[CharSet, int], ...]] = [
+            ((chars, k + 1), (chars.complement(), n + 1 if k < len(prefix) else n + 2))
+            for k, chars in enumerate(steps)]
+        moves += [((tail, n), (tail.complement(), n + 2)), ((ANY, n + 1),), ((ANY, n + 2),)]
+        return Dfa(_complete(moves), frozenset(range(len(prefix), n)) | {n + 2})
+
+
+def _complete(moves: Sequence[Sequence[tuple[CharSet, int]]]
+              ) -> tuple[tuple[tuple[CharSet, int], ...], ...]:
+    return tuple(tuple((chars, n) for chars, n in state if chars) for state in moves)
+
+
+def literal(text: str, ignore_case: bool = True) -> list[CharSet]:
+    """One CharSet per character of `text` (both ASCII cases when `ignore_case`)."""
+    return [CharSet.of(c).case_insensitive() if ignore_case else CharSet.of(c) for c in text]
+
+
+def witness(nfa: Nfa, dfa: Dfa) -> str | None:
+    """A string in both L(nfa) and L(dfa), short and readable, or None when there is none."""
+    start = (nfa.start, 0)
+    parent: dict[tuple[int, int], tuple[tuple[int, int], str] | None] = {start: None}
+    todo = deque([start])
+    while todo:
+        pair = todo.popleft()
+        q, d = pair
+        if q == nfa.accept and d in dfa.accepting:
+            return _spell(parent, pair)
+        nexts = [((n, d), "") for n in nfa.eps[q]]
+        for chars, n in nfa.moves[q]:
+            nexts += [((n, dn), both.sample()) for dchars, dn in dfa.moves[d]
+                      if (both := chars & dchars)]
+        for nxt, char in nexts:
+            if nxt not in parent:
+                parent[nxt] = (pair, char)
+                todo.append(nxt)
+    return None
+
+
+def _spell(parent: dict[tuple[int, int], tuple[tuple[int, int], str] | None],
+           pair: tuple[int, int]) -> str:
+    chars: list[str] = []
+    link = parent[pair]
+    while link is not None:
+        pair, char = link
+        chars.append(char)
+        link = parent[pair]
+    return "".join(reversed(chars))
+
+
+def authorities(nfa: Nfa, scheme: str, limit: int = 16) -> list[str] | None:
+    """The URL authorities (`user@host:port`) L(nfa) admits after `scheme://`, lowercased.
+
+    The authority ends at the first `/`, `?` or `#`, as `java.net.URL` cuts it. The answer is
+    a sorted list when every admitted authority is one of at most `limit` fixed strings (each
+    position a single character up to ASCII case), `[]` when the scheme is not admitted at all,
+    and None when some position is a class, a loop or there are too many: "any host".
+    """
+    start = nfa.run(scheme.lower())
+    if not start:
+        return []
+    stops = CharSet.of("/?#")
+    live = nfa.live()
+    exits = frozenset(q for q in range(len(nfa.eps)) if q == nfa.accept or any(
+        c & stops and n in live for c, n in nfa.moves[q]))
+    walker = _AuthorityWalk(nfa, stops.complement(), exits, limit)
+    return walker.run(start)
+
+
+@dataclass
+class _AuthorityWalk:
+    nfa: Nfa
+    alphabet: CharSet
+    exits: frozenset[int]
+    limit: int
+    budget: int = 20_000  # walk steps; a pattern that needs more is "any host"
+    found: set[str] = field(default_factory=set)
+
+    def run(self, start: frozenset[int]) -> list[str] | None:
+        if not self._walk(start, ""):
+            return None
+        return sorted(self.found)
+
+    def _walk(self, current: frozenset[int], prefix: str) -> bool:
+        self.budget -= 1
+        if self.budget < 0 or len(prefix) > 255 or len(self.found) > self.limit:
+            return False
+        if current & self.exits:
+            self.found.add(prefix)
+        by_char: dict[str, set[int]] = {}
+        for q in current:
+            for chars, n in self.nfa.moves[q]:
+                usable = chars & self.alphabet
+                if not usable or not self._leads_out(n):
+                    continue
+                char = _single(usable)
+                if char is None:
+                    return False
+                by_char.setdefault(char, set()).add(n)
+        return all(self._walk(self.nfa.closure(targets), prefix + char)
+                   for char, targets in sorted(by_char.items()))
+
+    def _leads_out(self, state: int) -> bool:
+        seen, todo = {state}, [state]
+        while todo:
+            q = todo.pop()
+            if q in self.exits:
+                return True
+            nexts = [*self.nfa.eps[q], *(n for c, n in self.nfa.moves[q] if c & self.alphabet)]
+            for n in nexts:
+                if n not in seen:
+                    seen.add(n)
+                    todo.append(n)
+        return False
+
+
+def _single(chars: CharSet) -> str | None:
+    """The one character `chars` stands for, up to ASCII case; None for a real class."""
+    if chars.size() > 2:
+        return None
+    folded = {chr(code).lower() if chr(code).isascii() else chr(code)
+              for lo, hi in chars.ranges for code in range(lo, hi + 1)}
+    return folded.pop() if len(folded) == 1 else None
