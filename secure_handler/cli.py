@@ -1,8 +1,8 @@
-"""`secure-handler`: the command line. `main(argv) -> int` is testable in-process.
+"""`secure-handler`: build, check, deploy and guard TorchServe models safely.
 
 Exit codes, for every subcommand: 0 ok, 1 findings or refusal, 2 usage or IO error.
 Each concern registers its own subcommands (`register(subparsers)`), so this module stays a
-thin dispatcher.
+thin dispatcher; `main(argv)` returns the exit code, so it can be called in-process.
 """
 
 from __future__ import annotations
@@ -11,6 +11,8 @@ import argparse
 import importlib
 import sys
 from collections.abc import Sequence
+
+from secure_handler import __version__
 
 __all__ = ["EXIT_FINDINGS", "EXIT_OK", "EXIT_USAGE", "main"]
 
@@ -24,6 +26,19 @@ COMMAND_MODULES = (
     "secure_handler.gateway.cli",
 )
 
+DESCRIPTION = """\
+Hardened TorchServe handlers and the tools around them.
+
+  supply chain   archive, verify, scan, lock, sign: a tampered or unsafe model archive (.mar)
+                 is refused before anything in it runs
+  deployment     config, audit-config, serve, stop: a hardened config.properties, checked,
+                 and TorchServe started only on a store that matches its lock
+  gateway        gateway [new-key]: API keys, rate limits and an audit log in front of
+                 TorchServe
+
+Exit codes: 0 ok, 1 findings or refusal, 2 usage or IO error.
+Run `secure-handler COMMAND --help` for the options of one command."""
+
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # type: ignore[override]
@@ -32,8 +47,11 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="secure-handler", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    parser = _Parser(prog="secure-handler", description=DESCRIPTION,
+                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"secure-handler {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser,
+                                metavar="COMMAND")
     for name in COMMAND_MODULES:
         importlib.import_module(name).register(sub)
     return parser
@@ -44,7 +62,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
-    except SystemExit as exc:  # argparse exits on --help and on usage errors
+    except SystemExit as exc:  # argparse exits on --help, --version and on usage errors
         return int(exc.code or 0)
     try:
         return int(args.func(args))

@@ -42,9 +42,9 @@ __all__ = [
     "MethodNotAllowed", "ModelNotFound", "NotFound", "OutOfMemory", "PayloadTooLarge",
     "RateLimited", "RateLimiterUnavailable", "RequestError", "RequestTimedOut",
     "RequestTimeout", "ResponseTooLarge", "SecureHandlerError", "ServiceUnavailable",
-    "TextTooLong", "TooManyTokens", "Unauthorized", "UnavailableError", "UnexpectedResponse",
-    "UnsafeModelError", "UnsupportedMediaType", "UpstreamError", "UpstreamTimeout",
-    "UpstreamUnavailable", "error_body", "error_class",
+    "TextTooLong", "TooManyInstances", "TooManyTokens", "Unauthorized", "UnavailableError",
+    "UnexpectedResponse", "UnsafeModelError", "UnsupportedMediaType", "UpstreamError",
+    "UpstreamTimeout", "UpstreamUnavailable", "error_body", "error_class",
 ]
 
 
@@ -159,6 +159,12 @@ class PayloadTooLarge(RequestError):
 
     status = 413
     code = "payload_too_large"
+
+
+class TooManyInstances(PayloadTooLarge):
+    """A KServe v1 / OIP v2 request with more instances than `max_instances_per_request`."""
+
+    code = "too_many_instances"
 
 
 class UnsupportedMediaType(RequestError):

@@ -16,11 +16,15 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from secure_handler.errors import ConfigurationError
 
 __all__ = [
+    "DEFAULT_MAX_BATCH_SIZE",
+    "DEFAULT_MAX_REQUEST_BYTES",
+    "DEFAULT_MAX_RESPONSE_BYTES",
     "BaseLimits",
     "ImageClassifierLimits",
     "ImageFormat",
     "ImageLimits",
     "ObjectDetectorLimits",
+    "RequestProtocol",
     "TextClassifierLimits",
     "TextLimits",
     "build_limits",
@@ -28,7 +32,16 @@ __all__ = [
 
 MiB = 1024 * 1024
 
+#: Defaults that tools outside the handlers read (config sizing, client, gateway): defined here,
+#: once, and used by the limits models below.
+DEFAULT_MAX_REQUEST_BYTES = 10 * MiB
+DEFAULT_MAX_BATCH_SIZE = 32
+#: The largest answer a client or the gateway reads back (a detector's JSON stays far below).
+DEFAULT_MAX_RESPONSE_BYTES = 16 * MiB
+
 ImageFormat = Literal["PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF"]
+#: Request protocols a handler can read (see `secure_handler.serving.protocols`).
+RequestProtocol = Literal["torchserve", "kserve_v1", "oip_v2"]
 
 # Keys TorchServe itself or other tools put in the `handler:` section; they are not limits
 # but must not fail validation either.
@@ -40,12 +53,19 @@ class BaseLimits(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    max_request_bytes: int = Field(10 * MiB, gt=0, le=1024 * MiB)
-    max_batch_size: int = Field(32, gt=0, le=4096)
+    max_request_bytes: int = Field(DEFAULT_MAX_REQUEST_BYTES, gt=0, le=1024 * MiB)
+    max_batch_size: int = Field(DEFAULT_MAX_BATCH_SIZE, gt=0, le=4096)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     model_sha256: str | None = Field(None, pattern=r"^[0-9a-fA-F]{64}$")
     require_pin: bool = False
     warmup: bool = False
+    # What a model reads: TorchServe routes /predictions, KServe v1 and OIP v2 bodies to the
+    # worker anyway; a body in a protocol that is off gets 400 naming this setting.
+    protocols: tuple[RequestProtocol, ...] = Field(
+        ("torchserve", "kserve_v1", "oip_v2"), min_length=1)
+    # Instances in one v1/v2 request; each takes a batch slot, so the cap in force is never
+    # above max_batch_size.
+    max_instances_per_request: int = Field(8, gt=0, le=4096)
 
 
 class _OutputLimits(BaseModel):

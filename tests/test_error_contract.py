@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from secure_handler import errors
-from secure_handler.client import _raise_for
+from secure_handler.client._wire import raise_for as _raise_for
 from secure_handler.errors import ERROR_TABLE, SecureHandlerError
 
 README = Path(__file__).resolve().parents[1] / "README.md"

@@ -1,4 +1,7 @@
-"""Start, watch and stop a real `torchserve`, the way that avoids its traps.
+"""The one way this project starts, watches and stops a real `torchserve`.
+
+Used by `serve`/`stop`, the tests, the benchmarks and the demo, so every one of them avoids the
+same traps:
 
 * Always `--ncs --ts-config FILE`: otherwise an old config snapshot silently wins.
 * Output goes to a file: the Java server inherits the pipe and a piped start hangs.
@@ -6,6 +9,8 @@
   own `TMPDIR` (TorchServe keeps its pid file there), so several can run side by side.
 * The `torchserve` next to the running interpreter is used, so workers import this package
   from the same environment.
+* The server runs in its own process group; `stop` signals the group (frontend and workers).
+  `start(detached=True)` re-parents it away from this process, so it outlives the caller.
 """
 
 from __future__ import annotations
@@ -21,14 +26,18 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from secure_handler.errors import ConfigurationError
+from secure_handler.keyfile import read_key_file
 
-__all__ = ["TorchServe", "TorchServeError", "free_port", "java_problem", "read_key_file"]
+__all__ = [
+    "TorchServe", "TorchServeError", "free_port", "group_alive", "http_json", "java_problem",
+    "read_key_file", "stop_group",
+]
 
 
 class TorchServeError(ConfigurationError, RuntimeError):
@@ -58,15 +67,9 @@ def java_problem() -> str | None:
     return None
 
 
-def read_key_file(path: str | os.PathLike[str]) -> dict[str, str]:
-    """The `management`, `inference` and `API` keys from TorchServe's `key_file.json`."""
-    data = json.loads(Path(path).read_text("utf-8"))
-    return {kind: str(entry["key"]) for kind, entry in data.items() if "key" in entry}
-
-
 @dataclass
 class TorchServe:
-    """One real torchserve process tree, owned by this object.
+    """One real torchserve process group, owned by this object.
 
     Use as a context manager, or call `start()` and `stop()` (stop is idempotent).
     """
@@ -78,6 +81,9 @@ class TorchServe:
     env: Mapping[str, str] = field(default_factory=dict)
     extra_args: Sequence[str] = ()
     process: subprocess.Popen[bytes] | None = None
+    #: The torchserve pid and its process group (set by `start`, or by `attach`).
+    pid: int | None = None
+    pgid: int | None = None
 
     def command(self) -> list[str]:
         """The exact command line, with `--ncs --ts-config`."""
@@ -112,36 +118,53 @@ class TorchServe:
         self.key_file.unlink(missing_ok=True)
         return self.environment()
 
-    def start(self) -> TorchServe:
+    def start(self, detached: bool = False) -> TorchServe:
+        """Start torchserve in its own process group.
+
+        Attached (the default), it is this process's child. Detached, a short-lived `sh` in a
+        new session starts it in the background and exits, so torchserve is re-parented away
+        from us (no zombie, no Popen left running) and outlives this process.
+        """
         problem = java_problem()
         if problem:
             raise TorchServeError(problem)
         env = self.prepare()
+        if detached:
+            script = 'log=$1; shift; "$@" </dev/null >>"$log" 2>&1 & echo $!'
+            starter = subprocess.Popen(
+                ["/bin/sh", "-c", script, "sh", str(self.log_path), *self.command()],
+                cwd=self.workdir, env=env, stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, start_new_session=True,
+            )
+            out, _ = starter.communicate(timeout=30)
+            self.pid, self.pgid = int(out.decode().strip()), starter.pid
+            return self
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(
                 self.command(), cwd=self.workdir, env=env, stdin=subprocess.DEVNULL,
                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
             )
+        self.pid = self.pgid = self.process.pid
         return self
 
-    def stop(self, timeout: float = 20.0) -> None:
-        """SIGTERM the whole process group (frontend and workers), SIGKILL after `timeout`."""
-        proc, self.process = self.process, None
-        if proc is None or proc.poll() is not None:
-            return
-        for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 10.0)):
-            try:
-                os.killpg(proc.pid, sig)
-            except ProcessLookupError:
-                return
-            try:
-                proc.wait(wait)
-                break
-            except subprocess.TimeoutExpired:
-                continue
-        # Workers may outlive the frontend for a moment; take the group down for good.
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
+    def attach(self, pid: int, pgid: int) -> TorchServe:
+        """Take over a server started earlier (by `serve`), to watch or stop it."""
+        self.pid, self.pgid = pid, pgid
+        return self
+
+    def alive(self) -> bool:
+        """True while any process of the server's group is running."""
+        if self.process is not None:
+            return self.process.poll() is None
+        return self.pgid is not None and group_alive(self.pgid)
+
+    def stop(self, timeout: float = 20.0) -> bool:
+        """SIGTERM the process group, SIGKILL after `timeout`; True when it had to be killed."""
+        pgid, pid, proc = self.pgid, self.pid, self.process
+        self.pgid = self.pid = self.process = None
+        if pgid is None:
+            return False
+        return stop_group(pgid, pid, timeout, proc)
 
     def __enter__(self) -> TorchServe:
         return self.start()
@@ -155,35 +178,105 @@ class TorchServe:
         while time.monotonic() < deadline:
             self._check_alive()
             if self.key_file.is_file():
-                try:
-                    return read_key_file(self.key_file)
-                except (ValueError, KeyError):
-                    pass  # being written; retry
+                with contextlib.suppress(ValueError, KeyError, OSError):
+                    return read_key_file(self.key_file)  # else: being written; retry
             time.sleep(0.1)
         raise TorchServeError(f"no key_file.json after {timeout}s; see {self.log_path}")
 
     def _check_alive(self) -> None:
-        if self.process is None or self.process.poll() is not None:
+        if not self.alive():
             log = self.log_path
             tail = log.read_text("utf-8", "replace")[-3000:] if log.exists() else ""
             raise TorchServeError(f"torchserve exited; last output:\n{tail}")
 
-    def wait_ready(self, management_url: str, model: str, timeout: float = 120.0) -> dict[str, Any]:
-        """Poll `GET /models/{model}` until every worker is READY; return the description."""
-        token = self.keys(timeout)["management"]
+    def wait_ready(self, management_url: str, model: str | Sequence[str],
+                   timeout: float = 120.0) -> dict[str, Any]:
+        """Poll `GET /models/{m}` until every worker of every model is READY.
+
+        Returns the last model's description (for one model: its description).
+        """
+        pending = [model] if isinstance(model, str) else list(model)
         deadline = time.monotonic() + timeout
-        last: Any = None
+        token = self.keys(timeout)["management"]
+        described: dict[str, Any] = {}
         while time.monotonic() < deadline:
             self._check_alive()
-            try:
-                last = http_json("GET", f"{management_url}/models/{model}", token)
-                workers = last[0].get("workers", [])
-                if workers and all(w.get("status") == "READY" for w in workers):
-                    return dict(last[0])
-            except (OSError, ValueError, KeyError, IndexError):
-                pass
+            still = []
+            for name in pending:
+                found = _ready_description(management_url, name, token)
+                if found is None:
+                    still.append(name)
+                else:
+                    described = found
+            pending = still
+            if not pending:
+                return described
             time.sleep(0.2)
-        raise TorchServeError(f"model {model!r} not READY after {timeout}s: {last}")
+        raise TorchServeError(f"not READY after {timeout}s: {pending}; see {self.log_path}")
+
+
+def _ready_description(management_url: str, model: str, token: str) -> dict[str, Any] | None:
+    try:
+        described = http_json("GET", f"{management_url}/models/{model}", token)
+        workers = described[0].get("workers", [])
+    except (OSError, ValueError, KeyError, IndexError, TypeError):
+        return None
+    if workers and all(w.get("status") == "READY" for w in workers):
+        return dict(described[0])
+    return None
+
+
+def stop_group(pgid: int, pid: int | None = None, timeout: float = 20.0,
+               process: subprocess.Popen[bytes] | None = None) -> bool:
+    """SIGTERM a process group, SIGKILL after `timeout`; True when it had to be killed."""
+    for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 10.0)):
+        try:
+            os.killpg(pgid, sig)
+        except ProcessLookupError:
+            return sig == signal.SIGKILL
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            _reap(pid, process)
+            if not group_alive(pgid):
+                return sig == signal.SIGKILL
+            time.sleep(0.1)
+    return True
+
+
+def _reap(pid: int | None, process: subprocess.Popen[bytes] | None) -> None:
+    # This process may be torchserve's parent; collect it so it is not left a zombie.
+    if process is not None:
+        process.poll()
+    elif pid is not None:
+        with contextlib.suppress(ChildProcessError, OSError):
+            os.waitpid(pid, os.WNOHANG)
+
+
+def group_alive(pgid: int) -> bool:
+    """True while any non-zombie process is in the group."""
+    proc = Path("/proc")
+    if not proc.is_dir():
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return False
+        return True
+    return any(_in_group(stat_file, pgid) for stat_file in _stat_files(proc))
+
+
+def _stat_files(proc: Path) -> Iterator[Path]:
+    for entry in proc.iterdir():
+        if entry.name.isdigit():
+            yield entry / "stat"
+
+
+def _in_group(stat_file: Path, pgid: int) -> bool:
+    try:
+        fields = stat_file.read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return False
+    # fields after the command: state, ppid, pgrp, ...
+    return fields[0] != "Z" and fields[2] == str(pgid)
 
 
 def http_json(method: str, url: str, token: str | None = None, timeout: float = 10.0) -> Any:

@@ -15,6 +15,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from secure_handler.limits import DEFAULT_MAX_REQUEST_BYTES, DEFAULT_MAX_RESPONSE_BYTES
+
 __all__ = [
     "GatewayConfig",
     "KeyEntry",
@@ -133,7 +135,7 @@ class UpstreamConfig(_Strict):
     read_timeout_s: float = Field(default=30.0, gt=0, le=600)
     management_timeout_s: float = Field(default=120.0, gt=0, le=600)
     max_connections: int = Field(default=64, ge=1, le=10_000)
-    max_response_bytes: int = Field(default=16 * 1024 * 1024, ge=1024)
+    max_response_bytes: int = Field(default=DEFAULT_MAX_RESPONSE_BYTES, ge=1024)
 
 
 class RedisConfig(_Strict):
@@ -164,7 +166,7 @@ class GatewayConfig(_Strict):
     per_client: RateLimit | None = None
     rate_limit_backend: Literal["memory", "redis"] = "memory"
     redis: RedisConfig | None = None
-    max_body_bytes: int = Field(default=10 * 1024 * 1024, ge=1)
+    max_body_bytes: int = Field(default=DEFAULT_MAX_REQUEST_BYTES, ge=1)
     #: How long a client may take to send its body (slow-body clients, CWE-400).
     body_timeout_s: float = Field(default=30.0, gt=0, le=600)
     #: Ceiling for `initial_workers` / `max_worker` on register and scale.

@@ -25,8 +25,9 @@ from support import classifier_mar, image_bytes
 from secure_handler import errors
 from secure_handler.cli import main
 from secure_handler.client import Client, Unauthorized
-from secure_handler.deploy.cli import ServeState, _group_alive, stop_server
+from secure_handler.deploy.launcher import group_alive as _group_alive
 from secure_handler.deploy.launcher import java_problem
+from secure_handler.deploy.serve import ServeState, stop_server
 from secure_handler.supply.verify import embed_digests, lock_store, render_lock
 
 pytestmark = [

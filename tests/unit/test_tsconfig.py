@@ -21,7 +21,7 @@ from secure_handler.deploy.tsconfig import (
     Tls,
     hardened_properties,
     is_loopback,
-    read_mar_limits,
+    read_mar_info,
     render_properties,
     store_allowed_urls,
 )
@@ -91,15 +91,34 @@ def test_render_round_trips_through_the_java_reader(tmp_path: Path) -> None:
     assert load(path) == props
 
 
-def test_read_mar_limits(tmp_path: Path) -> None:
+def test_read_mar_info(tmp_path: Path) -> None:
     mar = write_mar(tmp_path / "a.mar", "alpha", {"max_request_bytes": 2048, "top_k": 3})
-    assert read_mar_limits(mar) == ("alpha", HandlerLimits(2048, HandlerLimits().max_batch_size))
-    assert read_mar_limits(write_mar(tmp_path / "b.mar", "beta")) == ("beta", HandlerLimits())
+    info = read_mar_info(mar)
+    assert (info.name, info.limits) == ("alpha", HandlerLimits(2048, HandlerLimits().max_batch_size))
+    beta = read_mar_info(write_mar(tmp_path / "b.mar", "beta"))
+    assert (beta.name, beta.limits) == ("beta", HandlerLimits())
+    # The bounds are BaseLimits' own (one source per limit), not a second copy.
+    with pytest.raises(ValueError, match="greater than 0"):
+        read_mar_info(write_mar(tmp_path / "c.mar", "c", {"max_batch_size": -1}))
+    with pytest.raises(ValueError, match="less than or equal"):
+        read_mar_info(write_mar(tmp_path / "e.mar", "e", {"max_batch_size": 10**6}))
     with pytest.raises(ValueError, match="positive integer"):
-        read_mar_limits(write_mar(tmp_path / "c.mar", "c", {"max_batch_size": -1}))
+        read_mar_info(write_mar(tmp_path / "f.mar", "f", {"max_batch_size": True}))
     (tmp_path / "d.mar").write_bytes(b"not a zip")
     with pytest.raises(ValueError, match="cannot read"):
-        read_mar_limits(tmp_path / "d.mar")
+        read_mar_info(tmp_path / "d.mar")
+
+
+def test_read_mar_info_refuses_a_config_that_inflates_past_its_cap(tmp_path: Path) -> None:
+    import zipfile
+
+    mar = tmp_path / "big.mar"
+    manifest = {"model": {"modelName": "big", "modelVersion": "2.0"}, "configFile": "c.yaml"}
+    with zipfile.ZipFile(mar, "w", zipfile.ZIP_DEFLATED) as archive:
+        archive.writestr("MAR-INF/MANIFEST.json", __import__("json").dumps(manifest))
+        archive.writestr("c.yaml", "#" * (2 * 1024 * 1024))
+    with pytest.raises(ValueError, match="refusing"):
+        read_mar_info(mar)
 
 
 def test_combined_limits_take_the_largest() -> None:
