@@ -133,11 +133,15 @@ def _workers(server, name: str) -> list[tuple[str, int, str]]:
     return [(w["id"], w["pid"], w["startTime"]) for w in desc[0]["workers"]]
 
 
-def test_mixed_batches_get_per_request_answers(server) -> None:
+@pytest.fixture(scope="module")
+def mixed_run(server):
+    """Send the mixed jobs once (16 at a time into batches of 8, so valid and hostile rows share
+    batches); every test that reads the answers or the batch log depends on this fixture, so
+    each passes when run alone."""
     token = server.tokens["inference"]
     jobs = [("text", c) for c in _text_cases()]
     jobs += [(m, c) for m in ("det_tensor", "det_list") for c in _detector_cases()]
-    jobs *= 3  # 16 at a time into batches of 8: valid and hostile rows share batches
+    jobs *= 3
     before = {m: _workers(server, m) for m in MODELS}
 
     def send(job: tuple[str, tuple]) -> tuple[int, Any]:
@@ -146,6 +150,11 @@ def test_mixed_batches_get_per_request_answers(server) -> None:
 
     with cf.ThreadPoolExecutor(16) as pool:
         answers = list(pool.map(send, jobs))
+    return jobs, answers, before
+
+
+def test_mixed_batches_get_per_request_answers(server, mixed_run) -> None:
+    jobs, answers, before = mixed_run
     for (model, (name, _, _, status, expected)), (got, body) in zip(jobs, answers, strict=True):
         assert got == status, (model, name, body)
         if callable(expected):
@@ -164,7 +173,7 @@ def _handler_tracebacks(server) -> list[str]:
     return [b[:600] for b in blocks if "otf_message_handler.py" not in b[:400]]
 
 
-def test_batches_really_were_shared(server) -> None:
+def test_batches_really_were_shared(server, mixed_run) -> None:
     log = (server.server.workdir / "logs" / "model_log.log").read_text("utf-8", "replace")
     batches = [tuple(map(int, m)) for m in
                re.findall(r"batch rows=(\d+) served=(\d+) refused=(\d+)", log)]
