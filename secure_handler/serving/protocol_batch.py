@@ -1,0 +1,225 @@
+"""A batch holding KServe v1 / OIP v2 requests: each instance checked as a request is.
+
+`SecureBaseHandler.handle()` hands a batch here when any request in it is a v1/v2 body (or
+when `handler.protocols` turns plain bodies off). Every instance then becomes one item of the
+batch, read and checked by the handler's own `read_payload()` and `decode()`, exactly as a
+`/predictions` body would be, so the statuses and codes are the same. Instances count against
+`max_batch_size` (each takes a batch slot); a request whose instances do not fit is refused
+with 503 `batch_limit_exceeded` (retryable). One bad instance refuses its own request, in its
+protocol's error shape; the other requests of the batch are served.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from secure_handler.errors import (
+    BatchLimitExceeded,
+    MalformedRequest,
+    RequestError,
+    SecureHandlerError,
+)
+from secure_handler.serving import envelope, protocols
+from secure_handler.serving.metrics import StageTimer, count_rejection
+
+if TYPE_CHECKING:
+    from secure_handler.serving.base import SecureBaseHandler
+
+__all__ = ["Row", "handle", "plan"]
+
+logger = logging.getLogger(__name__)
+
+JSON_TYPE = "application/json"
+# Room for the JSON envelope around base64 instances (same slack as the frontend's).
+_ENVELOPE_SLACK = 64 * 1024
+
+
+@dataclass(slots=True)
+class Row:
+    """One request of the batch: a plain body, or a protocol request, or its refusal."""
+
+    idx: int
+    row: Mapping[str, Any]
+    protocol: bool = False  # read as v1/v2: answers (and refusals) in the protocol's shape
+    request: protocols.ProtocolRequest | None = None
+    error: SecureHandlerError | None = None
+    slots: list[int] = field(default_factory=list)
+    items: list[Any] = field(default_factory=list)
+
+
+def plan(handler: SecureBaseHandler, data: list[Mapping[str, Any]]) -> list[Row] | None:
+    """The batch's rows when it needs the protocol path, else None (the plain path serves it).
+
+    Cheap for plain traffic: a parsed JSON body is looked up by key, raw bytes only when
+    they start with `{` (image bytes and base64 never do).
+    """
+    limits = handler.limits
+    rows = [_read_row(handler, idx, row) for idx, row in enumerate(data)]
+    if "torchserve" in limits.protocols and not any(r.protocol for r in rows):
+        return None
+    return rows
+
+
+def _read_row(handler: SecureBaseHandler, idx: int, row: Mapping[str, Any]) -> Row:
+    limits = handler.limits
+    headers = handler.context.get_all_request_header(idx)
+    value = row.get("body", row.get("data"))
+    max_body = envelope.b64_limit(limits.max_request_bytes) + _ENVELOPE_SLACK
+    try:
+        obj = protocols.find_protocol_body(value, headers, max_body)
+    except RequestError as err:
+        return Row(idx, row, protocol=True, error=err)
+    if obj is None:
+        return Row(idx, row)
+    try:
+        if "data" in row and "body" in row:
+            raise MalformedRequest("the payload was sent twice (as the body and as a `data` "
+                                   "field or query parameter); send it once")
+        max_instances = min(limits.max_instances_per_request, limits.max_batch_size)
+        request = protocols.parse(obj, limits.protocols, max_instances, handler.model_name)
+    except RequestError as err:
+        return Row(idx, row, protocol=True, error=err)
+    return Row(idx, row, protocol=True, request=request)
+
+
+def handle(handler: SecureBaseHandler, rows: list[Row], context: Any) -> list[Any]:
+    """One answer per request, each in the protocol it came in (see the module docstring)."""
+    timer = StageTimer(context)
+    _give_slots(handler, rows)
+    jobs = [(r, slot, value) for r in rows for slot, value in zip(r.slots, _values(r),
+                                                                     strict=True)]
+    outcomes = _decode(handler, jobs, timer)
+    for (row, _, _), outcome in zip(jobs, outcomes, strict=True):
+        if row.error is not None:
+            continue
+        if isinstance(outcome, SecureHandlerError):
+            row.error = _for_instance(row, len(row.items), outcome)
+        else:
+            row.items.append(outcome)
+    timer.lap()
+    served = [r for r in rows if r.error is None]
+    items = [item for r in served for item in r.items]
+    bodies = handler._run_batch(items, timer) if items else []
+    results: list[Any] = [None] * len(rows)
+    start = 0
+    for row in served:
+        results[row.idx] = _answer(handler, context, row, bodies[start:start + len(row.items)])
+        start += len(row.items)
+    for row in rows:
+        if row.error is not None:
+            results[row.idx] = _refuse(handler, context, row, row.error)
+    timer.emit()
+    logger.info("protocol batch rows=%d items=%d refused=%d", len(rows), len(items),
+                len(rows) - len(served))
+    return results
+
+
+def _values(row: Row) -> list[Any]:
+    if row.error is not None:
+        return []
+    if row.request is None:
+        return [None]  # a plain body: read from the row itself
+    return list(row.request.instances)
+
+
+def _give_slots(handler: SecureBaseHandler, rows: list[Row]) -> None:
+    """Each instance (and each plain request) takes one batch slot, in request order."""
+    limits = handler.limits
+    free = limits.max_batch_size
+    used = 0
+    for row in rows:
+        if row.error is not None:
+            continue
+        if row.request is None and "torchserve" not in limits.protocols:
+            row.error = MalformedRequest(
+                "plain /predictions bodies are off for this model; handler.protocols allows: "
+                + ", ".join(limits.protocols))
+            continue
+        need = 1 if row.request is None else len(row.request.instances)
+        if used + need > free:
+            row.error = BatchLimitExceeded(
+                f"the batch has no room for {need} more instance(s) (max_batch_size "
+                f"{free}); retry the request")
+            continue
+        row.slots = list(range(used, used + need))
+        used += need
+
+
+def _decode(handler: SecureBaseHandler, jobs: list[tuple[Row, int, Any]],
+            timer: StageTimer) -> list[Any]:
+    def one(job: tuple[Row, int, Any]) -> Any:
+        row, slot, value = job
+        source = row.row if row.request is None else {"body": value}
+        return _decode_one(handler, row.idx, slot, source, timer)
+
+    pool = handler._pool
+    if pool is None or len(jobs) < 2:
+        return [one(job) for job in jobs]
+    return list(pool.map(one, jobs))
+
+
+def _decode_one(handler: SecureBaseHandler, idx: int, slot: int, source: Mapping[str, Any],
+                timer: StageTimer) -> Any:
+    """The handler's own two per-request checks; `slot` is where the item goes."""
+    start = time.perf_counter()
+    stage = "payload"
+    try:
+        payload = handler.read_payload(source, idx)
+        mid = time.perf_counter()
+        timer.add("payload", (mid - start) * 1000.0)
+        start, stage = mid, "decode"
+        return handler.decode(payload, slot)
+    except RequestError as err:
+        return err
+    except Exception as exc:  # a bug or library fault on this instance only
+        logger.exception("unexpected error reading request %d", idx)
+        return SecureHandlerError(
+            f"internal error while reading the request ({type(exc).__name__})")
+    finally:
+        timer.add(stage, (time.perf_counter() - start) * 1000.0)
+
+
+def _for_instance(row: Row, position: int, err: SecureHandlerError) -> SecureHandlerError:
+    """The instance's own error (same class, so same status and code), naming the instance."""
+    if row.request is None:
+        return err
+    try:
+        return type(err)(f"instance {position}: {err.message}")
+    except TypeError:  # a subclass with another constructor: keep its own message
+        return err
+
+
+def _answer(handler: SecureBaseHandler, context: Any, row: Row, bodies: list[Any]) -> Any:
+    if row.request is None:
+        return handler._respond(context, row.idx, bodies[0])
+    failed = next((b for b in bodies if isinstance(b, SecureHandlerError)), None)
+    if failed is not None:
+        return _refuse(handler, context, row, failed)
+    try:
+        answer = protocols.response(row.request, bodies, handler.model_name,
+                                    _model_version(handler))
+    except RequestError as err:
+        return _refuse(handler, context, row, err)
+    return handler._respond(context, row.idx, answer)
+
+
+def _refuse(handler: SecureBaseHandler, context: Any, row: Row,
+            err: SecureHandlerError) -> str:
+    if not row.protocol:
+        return handler._refuse(context, row.idx, err)
+    context.set_response_status(err.status, err.phrase, row.idx)
+    context.set_response_content_type(row.idx, JSON_TYPE)
+    count_rejection(context, err.code)
+    # Never log the body or headers: they carry user data and the bearer token.
+    logger.info("request %d refused: %s %s", row.idx, err.status, err.code)
+    return protocols.error_json(err)
+
+
+def _model_version(handler: SecureBaseHandler) -> str | None:
+    model = (getattr(handler, "manifest", None) or {}).get("model") or {}
+    version = model.get("modelVersion")
+    return str(version) if version is not None else None
