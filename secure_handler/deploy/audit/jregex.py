@@ -19,7 +19,7 @@ import string
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
-__all__ = ["ANY", "CharSet", "JavaRegexError", "Nfa", "compile_java"]
+__all__ = ["ANY", "DIGIT", "CharSet", "JavaRegexError", "Nfa", "compile_java"]
 
 MAX_CODE = 0x10FFFF
 MAX_REPEAT = 64  # {n,m} bounds above this are refused: the NFA is built by copying

@@ -12,7 +12,7 @@ from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from secure_handler.deploy.audit.jregex import ANY, CharSet, Nfa
+from secure_handler.deploy.audit.jregex import ANY, DIGIT, CharSet, Nfa
 
 __all__ = ["Dfa", "authorities", "literal", "witness"]
 
@@ -124,6 +124,10 @@ class _AuthorityWalk:
         self.budget -= 1
         if self.budget < 0 or len(prefix) > 255 or len(self.found) > self.limit:
             return False
+        if ":" in prefix.rpartition("@")[2] and self._port_digits_only(current):
+            # A port: any digits after a fixed host still reach that host only.
+            self.found.add(prefix + "<port>")
+            return True
         if current & self.exits:
             self.found.add(prefix)
         by_char: dict[str, set[int]] = {}
@@ -138,6 +142,26 @@ class _AuthorityWalk:
                 by_char.setdefault(char, set()).add(n)
         return all(self._walk(self.nfa.closure(targets), prefix + char)
                    for char, targets in sorted(by_char.items()))
+
+    def _port_digits_only(self, current: frozenset[int]) -> bool:
+        """Every way from here to the end of the authority reads digits only."""
+        seen, todo = set(current), list(current)
+        while todo:
+            q = todo.pop()
+            for n in self.nfa.eps[q]:
+                if n not in seen:
+                    seen.add(n)
+                    todo.append(n)
+            for chars, n in self.nfa.moves[q]:
+                usable = chars & self.alphabet
+                if not usable or not self._leads_out(n):
+                    continue
+                if usable & DIGIT.complement():
+                    return False
+                if n not in seen:
+                    seen.add(n)
+                    todo.append(n)
+        return True
 
     def _leads_out(self, state: int) -> bool:
         seen, todo = {state}, [state]
