@@ -343,3 +343,72 @@ def test_audit_config_usage_errors(tmp_path: Path, capsys: pytest.CaptureFixture
     broken.write_text("a=\\u12\n")
     assert main(["audit-config", str(broken)]) == 2
     assert "uxxxx" in capsys.readouterr().err
+
+
+# --- the model API behind the gateway (register coherence) ----------------------------------
+
+
+def _gateway(tmp_path: Path, store: Path, management_url: str = "http://127.0.0.1:8081") -> Path:
+    path = tmp_path / "gateway.yaml"
+    path.write_text(json.dumps({  # JSON is YAML; the gateway's own loader reads it
+        "upstream": {"inference_url": "http://127.0.0.1:8080", "management_url": management_url},
+        "model_store": str(store), "models": {}, "audit_log": str(tmp_path / "audit.log"),
+    }))
+    return path
+
+
+def _model_api_findings(tmp_path: Path, store: Path, gateway: Path | None,
+                        **changes: str) -> list[tuple[str, str]]:
+    model = ModelSpec("m", "m.mar", batch_size=8)
+    props = hardened_properties(store, models=(model,), max_request_bytes=LIMITS.max_request_bytes,
+                                enable_model_api=True)
+    config = tmp_path / "config.properties"
+    config.write_text(render_properties({**props, **changes}))
+    found = audit_file(config, cmdline=GOOD_CMD.format(config=config, store=store), environ={},
+                       limits=LIMITS, model_store=store, gateway_config=gateway)
+    return [(f.key, f.severity) for f in found]
+
+
+def test_model_api_behind_the_named_gateway_is_low(tmp_path: Path, store: Path) -> None:
+    found = _model_api_findings(tmp_path, store, _gateway(tmp_path, store))
+    assert found == [("enable_model_api", "low")]
+
+
+@pytest.mark.parametrize(("gateway_url", "changes"), [
+    (None, {}),  # no gateway named
+    ("http://127.0.0.1:9081", {}),  # the gateway talks to another server
+    ("http://127.0.0.1:8081", {"management_address": "http://0.0.0.0:8081"}),
+    ("http://127.0.0.1:8081", {"management_address": "HTTP://0:8081"}),
+    ("http://127.0.0.1:8081", {"grpc_management_address": "0.0.0.0", "enable_grpc_ssl": "true"}),
+    ("http://127.0.0.1:8081", {"disable_token_authorization": "true"}),
+])
+def test_model_api_without_a_safe_gateway_is_high(tmp_path: Path, store: Path,
+                                                  gateway_url: str | None,
+                                                  changes: dict[str, str]) -> None:
+    gateway = _gateway(tmp_path, store, gateway_url) if gateway_url else None
+    found = _model_api_findings(tmp_path, store, gateway, **changes)
+    assert ("enable_model_api", "high") in found
+
+
+def test_model_api_gateway_on_another_store_or_unreadable_is_high(tmp_path: Path,
+                                                                  store: Path) -> None:
+    other = tmp_path / "other-store"
+    other.mkdir()
+    found = _model_api_findings(tmp_path, store, _gateway(tmp_path, other))
+    assert ("enable_model_api", "high") in found
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("upstream: [not, a, mapping]\n")
+    assert ("enable_model_api", "high") in _model_api_findings(tmp_path, store, broken)
+
+
+def test_model_api_on_the_command_line_follows_the_same_rule(tmp_path: Path,
+                                                             store: Path) -> None:
+    config = tmp_path / "config.properties"
+    config.write_text(render_properties(_hardened(store)))
+    cmd = GOOD_CMD.format(config=config, store=store) + " --enable-model-api"
+    gateway = _gateway(tmp_path, store)
+    with_gateway = audit_file(config, cmdline=cmd, environ={}, limits=LIMITS,
+                              model_store=store, gateway_config=gateway)
+    assert [(f.key, f.severity) for f in with_gateway] == [("--enable-model-api", "low")]
+    without = audit_file(config, cmdline=cmd, environ={}, limits=LIMITS, model_store=store)
+    assert [(f.key, f.severity) for f in without] == [("--enable-model-api", "high")]
