@@ -1,1 +1,1 @@
-"""serving"""
+"""What runs inside the TorchServe worker: the handlers, envelope reading, TorchScript loading."""

@@ -1,1 +1,1 @@
-"""serving/image"""
+"""Images: header parsers and cost caps, one decode path, the classifier and the detector."""

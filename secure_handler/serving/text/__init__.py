@@ -1,1 +1,1 @@
-"""serving/text"""
+"""Text: normalisation, tokenizers, length-aware batching and the text classifier."""
