@@ -27,24 +27,8 @@ class UsageError(ConfigurationError):
     """Bad arguments or unreadable inputs: exit code 2 with the message."""
 
 
-def _print_json(data: Mapping[str, Any]) -> None:
-    print(json.dumps(data, indent=2, sort_keys=True))
-
-
-def _run(func: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
-    """Wrap a command so `UsageError` and parse errors become exit 2 with a message."""
-
-    def wrapper(args: argparse.Namespace) -> int:
-        try:
-            return int(func(args))
-        except (UsageError, PropertiesError, ValueError) as exc:
-            print(f"secure-handler {args.command}: {exc}", file=sys.stderr)
-            return EXIT_USAGE
-
-    return wrapper
-
-
 def print_json(data: Mapping[str, Any]) -> None:
+    """Machine-readable output of a command (`--json`)."""
     print(json.dumps(data, indent=2, sort_keys=True))
 
 
