@@ -234,7 +234,8 @@ def test_jvm_option_outside_the_allowlist_is_high(option: str, store: Path,
                                                   tmp_path: Path) -> None:
     found = _audit(store, tmp_path, raw=f"vmargs=-Xmx1g {option}\n".encode())
     assert ("vmargs", "high") in found
-    for name in ("JAVA_TOOL_OPTIONS", "JDK_JAVA_OPTIONS", "_JAVA_OPTIONS"):
+    for name in ("JAVA_TOOL_OPTIONS", "JDK_JAVA_OPTIONS", "_JAVA_OPTIONS",
+                 "OPENJ9_JAVA_OPTIONS", "IBM_JAVA_OPTIONS"):
         assert (name, "high") in _audit(store, tmp_path, env={name: f"-Xmx1g {option}"}), name
 
 
@@ -249,6 +250,23 @@ def test_quoted_jvm_environment_is_high(store: Path, tmp_path: Path) -> None:
     # The JVM honours quotes; the audit does not interpret them, it refuses them.
     env = {"JAVA_TOOL_OPTIONS": "'-Xmx1g -javaagent:/tmp/a.jar'"}
     assert ("JAVA_TOOL_OPTIONS", "high") in _audit(store, tmp_path, env=env)
+
+
+@pytest.mark.parametrize("name", ["PYTHONPATH", "LD_LIBRARY_PATH", "LD_PRELOAD", "JAVA_HOME",
+                                  "PYTHONHOME"])
+def test_loader_variables_naming_writable_paths_are_high(name: str, store: Path,
+                                                         tmp_path: Path) -> None:
+    shared = tmp_path / "shared"  # a folder any user can write: anyone can plant code there
+    shared.mkdir()
+    shared.chmod(0o777)
+    for value in (str(shared), f"/usr/lib:{shared}/lib", f"{shared}/missing/lib.so"):
+        value = value if name != "JAVA_HOME" else value.split(":")[-1]
+        assert (name, "high") in _audit(store, tmp_path, env={name: value}), value
+    private = tmp_path / "private"
+    private.mkdir(mode=0o755)
+    private.chmod(0o755)
+    expected = [(name, "medium")] if name == "LD_PRELOAD" else []
+    assert _audit(store, tmp_path, env={name: str(private)}) == expected
 
 
 # --- Java regex: allowed_urls ------------------------------------------------------------------

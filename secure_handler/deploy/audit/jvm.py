@@ -20,8 +20,10 @@ import re
 
 __all__ = ["ALLOWED", "JVM_ENV_VARS", "disallowed", "env_tokens", "launcher_tokens"]
 
-#: Environment variables the JVM or the `java` launcher reads options from.
-JVM_ENV_VARS = ("JAVA_TOOL_OPTIONS", "JDK_JAVA_OPTIONS", "_JAVA_OPTIONS")
+#: Environment variables the JVM or the `java` launcher reads options from (HotSpot, and the
+#: OpenJ9/IBM JVMs a distribution may ship instead).
+JVM_ENV_VARS = ("JAVA_TOOL_OPTIONS", "JDK_JAVA_OPTIONS", "_JAVA_OPTIONS", "OPENJ9_JAVA_OPTIONS",
+                "IBM_JAVA_OPTIONS")
 
 _SIZE = r"[0-9]{1,12}[kKmMgGtT]?"
 _SIZE_FLAGS = (

@@ -1,13 +1,18 @@
-"""Audit rules for code the frontend's JVM or the config itself starts.
+"""Audit rules for code the frontend's JVM, the environment or the config itself loads.
 
 `vmargs` and `plugins_path` reach the JVM through TorchServe's Python launcher, which reads the
 file with its own parser and splits `vmargs` with `str.split()`; the JVM option variables
 (`JAVA_TOOL_OPTIONS`, `JDK_JAVA_OPTIONS`, `_JAVA_OPTIONS`) reach it from the environment. Every
 resulting JVM argument is judged by the allowlist in `jvm` (heap and GC settings only).
+Variables that name code to load (`JAVA_HOME`, `LD_PRELOAD`, `PYTHONPATH`...) must name paths
+no other user can write.
 """
 
 from __future__ import annotations
 
+import os
+import re
+import stat
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -75,6 +80,54 @@ def jvm_environment(ctx: AuditContext) -> Iterator[ConfigFinding]:
                               value=value)
 
 
+#: Variables naming code every server process loads: the java binary ($JAVA_HOME/bin/java,
+#: run by the launcher), shared libraries, and the workers' Python import path.
+_LOADER_VARS = {"JAVA_HOME": None, "LD_PRELOAD": r"[:\s]+", "LD_AUDIT": ":",
+                "LD_LIBRARY_PATH": ":", "PYTHONPATH": ":", "PYTHONHOME": ":"}
+
+
+def loader_environment(ctx: AuditContext) -> Iterator[ConfigFinding]:
+    for name, separator in _LOADER_VARS.items():
+        value = ctx.environ.get(name)
+        if not value:
+            continue
+        entries = [e for e in (re.split(separator, value) if separator else [value]) if e]
+        writable = [e for e in entries if _writable_chain(Path(e))]
+        if writable:
+            yield ctx.finding("high", name, f"names {', '.join(writable)}, which other users "
+                              "can write (or a folder on the way to it): they can put code "
+                              "there that TorchServe's processes load.",
+                              f"Point {name} at root-owned paths only, or unset it.",
+                              cwe=["CWE-427", "CWE-732"], source="environment", value=value)
+        elif name in ("LD_PRELOAD", "LD_AUDIT"):
+            yield ctx.finding("medium", name, "every process of the server (JVM and workers) "
+                              "loads these libraries first.", f"Unset {name} unless you put "
+                              "it there (e.g. an allocator), and keep the files root-owned.",
+                              cwe=["CWE-427"], source="environment", value=value)
+
+
+def _writable_chain(path: Path) -> bool:
+    """Someone else can put a file at `path`: it, or a folder on the way, is writable by
+    other users or owned by one; a missing path counts as whatever its nearest folder allows
+    (in a sticky /tmp anyone can create it first)."""
+    path = path if path.is_absolute() else Path.cwd() / path
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if existing != path and _others_write(existing, sticky_protects=False):
+        return True
+    return any(_others_write(p, sticky_protects=True) for p in (existing, *existing.parents))
+
+
+def _others_write(path: Path, *, sticky_protects: bool) -> bool:
+    try:
+        info = path.stat()
+    except OSError:
+        return False
+    open_bits = info.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
+    if sticky_protects and info.st_mode & stat.S_ISVTX:
+        open_bits = 0  # others may add entries, not replace this one
+    return bool(open_bits) or info.st_uid not in (0, os.getuid())
+
+
 def plugins(ctx: AuditContext) -> Iterator[ConfigFinding]:
     paths = [*ctx.launcher_values("plugins_path")]
     if getattr(ctx.cmdline, "plugins_path", None):
@@ -108,4 +161,4 @@ def _visible(text: str) -> str:
         text.encode("unicode_escape").decode("ascii")
 
 
-RULES = (parser_disagreement, vmargs, jvm_environment, plugins, commands)
+RULES = (parser_disagreement, vmargs, jvm_environment, loader_environment, plugins, commands)
