@@ -1,7 +1,8 @@
 """Output helpers shared by every handler: labels from `index_to_name.json`, softmax top-k.
 
 Kept apart from the image code so the text classifier and the detector do not import the image
-classifier to format their answers.
+classifier to format their answers. `top_k` works on the whole batch at once: softmax, top-k and
+rounding are tensor operations, and one `tolist()` per batch hands Python its numbers.
 """
 
 from __future__ import annotations
@@ -43,14 +44,18 @@ def load_labels(path: Path) -> dict[int, str]:
 def top_k(
     logits: torch.Tensor, k: int, digits: int, labels: dict[int, str]
 ) -> list[dict[str, Any]]:
-    """Softmax top-k per row → `{"predictions": [{"label", "class", "probability"}]}`."""
-    probs = torch.softmax(logits.detach().float().cpu(), dim=1)
+    """Softmax top-k per row → `{"predictions": [{"label", "class", "probability"}]}`.
+
+    A row with non-finite logits keeps its NaN probabilities: the base handler refuses that
+    row alone (its answer is not JSON), and its neighbours are served.
+    """
+    probs = torch.softmax(logits.detach().to(torch.float64).cpu(), dim=1)
     values, classes = probs.topk(min(k, probs.shape[1]), dim=1)
-    results = []
-    for row_p, row_c in zip(values.tolist(), classes.tolist(), strict=True):
-        preds = [
-            {"label": labels.get(c, str(c)), "class": c, "probability": round(p, digits)}
-            for p, c in zip(row_p, row_c, strict=True)
-        ]
-        results.append({"predictions": preds})
-    return results
+    # Rounded in float64 for the whole batch: k / 10**digits lands on the double that
+    # Python's round() gives, whose repr is the short decimal a JSON encoder writes.
+    values = torch.round(values, decimals=digits)
+    return [
+        {"predictions": [{"label": labels.get(c, str(c)), "class": c, "probability": p}
+                         for p, c in zip(row_p, row_c, strict=True)]}
+        for row_p, row_c in zip(values.tolist(), classes.tolist(), strict=True)
+    ]

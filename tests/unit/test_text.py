@@ -1,4 +1,6 @@
-"""secure_handler.serving.text.tokenize: strict UTF-8, normalisation, forbidden characters, tokenizers, padding."""
+"""secure_handler.serving.text normalize and tokenize: strict UTF-8, normalisation, forbidden
+characters, tokenizers (batching is in test_text_batching.py, Unicode sets in
+test_text_unicode.py)."""
 
 from __future__ import annotations
 
@@ -9,7 +11,6 @@ import unicodedata
 from pathlib import Path
 
 import pytest
-import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -23,6 +24,7 @@ from secure_handler import (
 )
 from secure_handler.limits import build_limits
 from secure_handler.serving.text import tokenize as T
+from secure_handler.serving.text.normalize import default_ignorables
 
 LIMITS = TextLimits()
 
@@ -91,7 +93,10 @@ def test_control_characters_pass_when_allowed() -> None:
 def test_bidi_controls_are_refused(char: str) -> None:
     with pytest.raises(InvalidText, match=r"bidirectional control U\+20"):
         T.clean_text("access" + char + "granted", LIMITS)
-    assert T.clean_text("x" + char, limits(reject_bidi_controls=False)) == "x" + char
+    # Allowed, they are invisible characters like any other: removed, or refused on request.
+    assert T.clean_text("x" + char, limits(reject_bidi_controls=False)) == "x"
+    with pytest.raises(InvalidText, match="invisible"):
+        T.clean_text("x" + char, limits(reject_bidi_controls=False, ignorables="reject"))
 
 
 def test_arabic_and_hebrew_text_is_not_a_bidi_control() -> None:
@@ -124,12 +129,21 @@ def test_clean_text_output_never_holds_a_forbidden_character(raw: str) -> None:
         return
     assert not re.search("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]",
                          cleaned)
+    assert not set(map(ord, cleaned)) & default_ignorables()
     assert cleaned == unicodedata.normalize("NFKC", cleaned)
 
 
 # --- tokenizers -------------------------------------------------------------------------------
 
 VOCAB = {"<pad>": 0, "<unk>": 1, "good": 2, "don't": 3, "movie": 4}
+
+
+def ids(tok: T.Tokenizer, text: str, limit: int) -> list[int]:
+    """One text through the tokenizer's batch path."""
+    flat, lengths = tok.encode_batch([text], limit)
+    assert lengths.tolist() == [len(flat)]
+    assert flat.dtype == lengths.dtype == "int64"
+    return flat.tolist()
 
 
 def write_vocab(tmp_path: Path, content: object, raw: bytes | None = None) -> Path:
@@ -141,19 +155,19 @@ def write_vocab(tmp_path: Path, content: object, raw: bytes | None = None) -> Pa
 def test_word_tokenizer_lowercases_and_maps_unknown(tmp_path: Path) -> None:
     tok = T.load_vocab(write_vocab(tmp_path, VOCAB), LIMITS)
     assert (tok.pad_id, tok.unk_id, tok.max_id) == (0, 1, 4)
-    assert tok.encode("GOOD movie, don't! bad", 100) == [2, 4, 3, 1]
-    assert tok.encode("good good good", 2) == [2, 2]
+    assert ids(tok, "GOOD movie, don't! bad", 100) == [2, 4, 3, 1]
+    assert ids(tok, "good good good", 2) == [2, 2]
 
 
 def test_text_without_any_word_is_one_unknown_token(tmp_path: Path) -> None:
     tok = T.load_vocab(write_vocab(tmp_path, VOCAB), LIMITS)
-    assert tok.encode("!!! ???", 10) == [1]
+    assert ids(tok, "!!! ???", 10) == [1]
 
 
 def test_token_pattern_and_case_are_configurable(tmp_path: Path) -> None:
     tok = T.load_vocab(write_vocab(tmp_path, {**VOCAB, "Good": 5}),
                        limits(lowercase=False, token_pattern=r"\w+"))
-    assert tok.encode("Good good don't", 10) == [5, 2, 1, 1]
+    assert ids(tok, "Good good don't", 10) == [5, 2, 1, 1]
 
 
 @pytest.mark.parametrize("pattern", ["[a-z]*", "(", "x?"])
@@ -164,8 +178,8 @@ def test_unusable_token_patterns_fail_initialisation(pattern: str) -> None:
 
 def test_byte_tokenizer_is_utf8_bytes_plus_one() -> None:
     tok = T.ByteTokenizer()
-    assert tok.encode("aé", 10) == [ord("a") + 1, 0xC3 + 1, 0xA9 + 1]
-    assert tok.encode("abcdef", 2) == [98, 99]
+    assert ids(tok, "aé", 10) == [ord("a") + 1, 0xC3 + 1, 0xA9 + 1]
+    assert ids(tok, "abcdef", 2) == [98, 99]
     assert (tok.pad_id, tok.max_id) == (0, 256)
 
 
@@ -215,40 +229,3 @@ def test_make_tokenizer_picks_by_file_and_config(tmp_path: Path) -> None:
 def test_vocab_file_must_be_a_plain_name(name: str) -> None:
     with pytest.raises(ConfigurationError, match="vocab_file"):
         limits(vocab_file=name)
-
-
-# --- batching ---------------------------------------------------------------------------------
-
-
-def reference_pad(seqs: list[list[int]], pad: int, width: int) -> tuple[list, list]:
-    ids = [s + [pad] * (width - len(s)) for s in seqs]
-    mask = [[1] * len(s) + [0] * (width - len(s)) for s in seqs]
-    return ids, mask
-
-
-def test_pad_batch_pads_to_the_longest_row() -> None:
-    seqs = [[5, 6, 7], [8], [9, 10]]
-    ids, mask = T.pad_batch(seqs, pad_id=0)
-    assert ids.dtype == mask.dtype == torch.int64
-    assert (ids.tolist(), mask.tolist()) == reference_pad(seqs, 0, 3)
-
-
-def test_pad_batch_to_a_fixed_length() -> None:
-    ids, mask = T.pad_batch([[1, 2], [3]], pad_id=9, length=5)
-    assert (ids.tolist(), mask.tolist()) == reference_pad([[1, 2], [3]], 9, 5)
-    with pytest.raises(ValueError, match="longer than the padded length"):
-        T.pad_batch([[1, 2, 3]], pad_id=0, length=2)
-
-
-@given(st.lists(st.lists(st.integers(0, 1000), min_size=1, max_size=20), min_size=1,
-                max_size=16), st.integers(0, 5))
-def test_pad_batch_matches_the_per_row_reference(seqs: list[list[int]], pad: int) -> None:
-    ids, mask = T.pad_batch(seqs, pad_id=pad)
-    assert (ids.tolist(), mask.tolist()) == reference_pad(seqs, pad, max(map(len, seqs)))
-
-
-def test_bag_batch_concatenates_with_offsets() -> None:
-    ids, offsets = T.bag_batch([[5, 6, 7], [8], [9, 10]])
-    assert ids.tolist() == [5, 6, 7, 8, 9, 10]
-    assert offsets.tolist() == [0, 3, 4]
-    assert ids.dtype == offsets.dtype == torch.int64

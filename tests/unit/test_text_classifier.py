@@ -10,6 +10,7 @@ import torch
 from support_models import VOCAB, build_text_model, write_text_files
 
 from secure_handler import ConfigurationError, SecureTextClassifier
+from secure_handler.serving.text.tokenize import encode
 from secure_handler.testing import Request, make_context, run_batch
 
 MANIFEST = {"model": {"modelName": "text", "serializedFile": "model.pt",
@@ -97,12 +98,19 @@ def test_pad_to_max_tokens_gives_the_same_answers(words_dir: Path) -> None:
     assert dyn == fixed
 
 
+def one_forward(batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """The inputs of a batch that runs as a single forward over its rows in order."""
+    [part] = batch.parts
+    assert part.rows is None
+    return part.inputs
+
+
 def test_dynamic_padding_width_is_the_longest_request(words_dir: Path) -> None:
-    handler, _ = make_handler(words_dir)
-    ids, mask = handler.assemble([[2], [4, 4, 4], [6, 6]])
+    handler, _ = make_handler(words_dir, {"padding": "longest"})
+    ids, mask = one_forward(handler.assemble([[2], [4, 4, 4], [6, 6]]))
     assert ids.shape == mask.shape == (3, 3)
     handler, _ = make_handler(words_dir, {"padding": "max_tokens", "max_tokens": 20})
-    ids, _ = handler.assemble([[2], [4, 4, 4]])
+    ids, _ = one_forward(handler.assemble([[2], [4, 4, 4]]))
     assert ids.shape == (2, 20)
 
 
@@ -229,7 +237,9 @@ def test_bad_config_fails_initialize(words_dir: Path, cfg: dict, message: str) -
 
 def test_ids_tensor_dtype_and_values(words_dir: Path) -> None:
     handler, _ = make_handler(words_dir)
-    ids, mask = handler.assemble([handler.decode("good movie", 0), handler.decode("bad", 1)])
+    rows = [encode(handler.tokenizer, handler.decode(t, i), 8, truncate=False)
+            for i, t in enumerate(["good movie", "bad"])]
+    ids, mask = one_forward(handler.assemble(rows))
     assert ids.dtype == mask.dtype == torch.int64
     assert ids.tolist() == [[VOCAB["good"], VOCAB["<unk>"]], [VOCAB["bad"], VOCAB["<pad>"]]]
     assert mask.tolist() == [[1, 1], [1, 0]]

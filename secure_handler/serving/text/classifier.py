@@ -1,11 +1,13 @@
-"""`SecureTextClassifier`: checked text → token ids → one dynamically padded batch → top-k.
+"""`SecureTextClassifier`: checked text → token ids → length-bucketed batches → top-k.
 
 Model contract (TorchScript), chosen with `handler.model_input`:
 
 * `ids_mask` (default): `forward(input_ids: int64 [B, T], attention_mask: int64 [B, T])`
-  → logits `[B, classes]`. T is the longest request of the batch (or `max_tokens` with
-  `padding: max_tokens`, for models traced at a fixed length); padding is the vocabulary's
-  `pad_token` id and mask 0.
+  → logits `[B, classes]`. With `padding: bucketed` (default) a batch's rows are sorted by
+  length and may run as several forwards of similar length (see `batching.py`); T is the
+  longest row of each forward (`padding: longest`: of the whole batch; `padding:
+  max_tokens`: always `max_tokens`, for models traced at a fixed length). Padding is the
+  vocabulary's `pad_token` id and mask 0. Every row gets the answer it gets alone.
 * `bag`: `forward(ids: int64 [N], offsets: int64 [B])` → logits `[B, classes]`, the
   `nn.EmbeddingBag` convention: request i is `ids[offsets[i]:offsets[i+1]]`, no padding.
 """
@@ -23,7 +25,9 @@ from secure_handler.errors import ConfigurationError, MalformedRequest
 from secure_handler.limits import TextClassifierLimits
 from secure_handler.serving import envelope as payload
 from secure_handler.serving.base import SecureBaseHandler
+from secure_handler.serving.metrics import StageTimer
 from secure_handler.serving.outputs import load_labels, top_k
+from secure_handler.serving.text import batching, normalize
 from secure_handler.serving.text import tokenize as text
 
 __all__ = ["SecureTextClassifier"]
@@ -50,6 +54,7 @@ class SecureTextClassifier(SecureBaseHandler):
     def setup(self) -> None:
         model_dir = Path(self.context.system_properties.get("model_dir") or ".")
         self.tokenizer = text.make_tokenizer(model_dir, self.limits)
+        normalize.prepare(self.limits)
         if self.labels is not None:
             self.label_map = dict(enumerate(self.labels))
         else:
@@ -80,29 +85,39 @@ class SecureTextClassifier(SecureBaseHandler):
         payload.check_size(text.utf8_size(field), limits.max_request_bytes, "text")
         return field
 
-    def decode(self, payload: str, idx: int) -> list[int]:
-        """Check and normalise one text, then tokenize it (bounded by `max_tokens`)."""
-        limits: TextClassifierLimits = self.limits
-        cleaned = text.clean_text(payload, limits)
-        return text.encode(self.tokenizer, cleaned, limits.max_tokens, limits.truncate)
+    def decode(self, payload: str, idx: int) -> str:
+        """Check and normalise one text; `decode_rows` tokenizes the batch's texts at once."""
+        return text.clean_text(payload, self.limits)
+
+    def decode_rows(self, data: list[Mapping[str, Any]],
+                    timer: StageTimer | None = None) -> list[Any]:
+        """Each row's ids (or its error): texts checked row by row, then tokenized in one
+        pass over the batch (one vocabulary lookup pass, one flat id array)."""
+        rows = super().decode_rows(data, timer)
+        texts = {idx: row for idx, row in enumerate(rows) if isinstance(row, str)}
+        if texts:
+            limits: TextClassifierLimits = self.limits
+            encoded = text.encode_batch(self.tokenizer, list(texts.values()),
+                                        limits.max_tokens, limits.truncate)
+            for idx, ids in zip(texts, encoded, strict=True):
+                rows[idx] = ids
+        return rows
 
     # --- per batch ----------------------------------------------------------------------
 
-    def assemble(self, items: Sequence[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-        """All valid requests → the model's two input tensors, each built in one step."""
+    def assemble(self, items: Sequence[Sequence[int] | text.Ids]) -> batching.TextBatch:
+        """All valid requests → the forwards of `handler.padding` (see `batching.py`)."""
         limits: TextClassifierLimits = self.limits
-        if limits.model_input == "bag":
-            return text.bag_batch(items)
-        length = limits.max_tokens if limits.padding == "max_tokens" else None
-        return text.pad_batch(items, self.tokenizer.pad_id, length)
+        layout = "bag" if limits.model_input == "bag" else limits.padding
+        return batching.build_batch(items, layout, self.tokenizer.pad_id, limits.max_tokens,
+                                    limits.bucket_split_tokens)
 
-    def infer(self, batch: tuple[torch.Tensor, torch.Tensor]) -> Any:
+    def infer(self, batch: batching.TextBatch) -> torch.Tensor:
         with torch.inference_mode():
-            return self.model(*(self.to_device(t) for t in batch))
+            return batching.run_parts(
+                batch, lambda inputs: self.model(*(self.to_device(t) for t in inputs)))
 
-    def format_outputs(self, outputs: Any, items: Sequence[list[int]]) -> list[Any]:
-        if not isinstance(outputs, torch.Tensor) or outputs.dim() != 2:
-            raise TypeError("text classifier model must return logits [batch, classes]")
+    def format_outputs(self, outputs: Any, items: Sequence[Any]) -> list[Any]:
         limits: TextClassifierLimits = self.limits
         return top_k(outputs, limits.top_k, limits.probability_digits, self.label_map)
 

@@ -1,0 +1,159 @@
+"""Token rows → the model's input tensors, and the model's answers back in row order.
+
+Three layouts of the same rows (`handler.padding`):
+
+* `bucketed` (default): the rows sorted by length and cut into sub-batches of similar length,
+  one forward each. A cut is made where it saves more padded positions than
+  `bucket_split_tokens`, the price of one more forward (a dynamic-programming split of the
+  sorted lengths, so the result depends only on the lengths, never on timing);
+* `longest`: one batch padded to its longest row (dynamic padding);
+* `max_tokens`: one batch padded to `max_tokens` (for models traced at a fixed length).
+
+A `bag` model (`nn.EmbeddingBag`) has no padding: one flat id tensor and the row offsets.
+
+Padding is built in one step per sub-batch (one comparison for the mask, one masked write for
+the ids), never by a loop over rows; `scatter_logits()` puts each sub-batch's logits back in
+its rows' places, so every answer matches what the row gets when sent alone.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+import torch
+
+__all__ = ["Part", "TextBatch", "bag_batch", "build_batch", "pad_batch", "plan_buckets",
+           "run_parts"]
+
+Ids = npt.NDArray[np.int64]
+
+# The most rows one sub-batch may take in the split search: bounds its cost at
+# O(rows x 64) for TorchServe's largest batches; sorted rows make longer groups rare anyway.
+_MAX_GROUP_ROWS = 64
+
+
+@dataclass(frozen=True, slots=True)
+class Part:
+    """One forward: its input tensors and the batch rows they answer (None: all, in order)."""
+
+    rows: torch.Tensor | None
+    inputs: tuple[torch.Tensor, torch.Tensor]
+
+
+@dataclass(frozen=True, slots=True)
+class TextBatch:
+    """All valid rows of a TorchServe batch, as one or more forwards."""
+
+    size: int
+    parts: tuple[Part, ...]
+
+
+def _flat(items: Sequence[Sequence[int] | Ids]) -> tuple[torch.Tensor, torch.Tensor]:
+    arrays = [np.asarray(item, dtype=np.int64) for item in items]
+    lengths = np.fromiter(map(len, arrays), dtype=np.int64, count=len(arrays))
+    return torch.from_numpy(np.concatenate(arrays)), torch.from_numpy(lengths)
+
+
+def pad_batch(flat: torch.Tensor, lengths: torch.Tensor, pad_id: int,
+              width: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """`(input_ids, attention_mask)`, both int64 `[B, T]`, from the rows' concatenated ids.
+
+    T is the longest row (dynamic padding) unless `width` fixes it. The mask is one
+    comparison and the ids one masked write, whose row-major order is exactly the
+    concatenation order: no per-row loop.
+    """
+    longest = int(lengths.max())
+    width = longest if width is None else width
+    if width < longest:
+        raise ValueError(f"a sequence is longer than the padded length {width}")
+    mask = torch.arange(width).unsqueeze(0) < lengths.unsqueeze(1)
+    ids = torch.full((len(lengths), width), pad_id, dtype=torch.int64)
+    ids[mask] = flat
+    return ids, mask.to(torch.int64)
+
+
+def bag_batch(flat: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`(ids, offsets)` for an `nn.EmbeddingBag`: all ids in one 1-D tensor, no padding."""
+    offsets = torch.zeros_like(lengths)
+    torch.cumsum(lengths[:-1], dim=0, out=offsets[1:])
+    return flat, offsets
+
+
+def plan_buckets(lengths: Sequence[int], split_tokens: int) -> list[list[int]]:
+    """Row indices grouped into sub-batches of similar length, shortest first.
+
+    Minimises `padded positions + split_tokens x sub-batches` over every way of cutting the
+    rows sorted by length (dynamic programming, O(rows x 64)).
+    """
+    order = sorted(range(len(lengths)), key=lengths.__getitem__)
+    ordered = [lengths[i] for i in order]
+    best = [0] + [0] * len(ordered)  # best[j]: cost of the first j sorted rows
+    cut = [0] * (len(ordered) + 1)
+    for end in range(1, len(ordered) + 1):
+        width = ordered[end - 1]  # the longest row of any group ending here
+        best[end], cut[end] = min(
+            (best[start] + split_tokens + (end - start) * width, start)
+            for start in range(max(0, end - _MAX_GROUP_ROWS), end)
+        )
+    groups: list[list[int]] = []
+    end = len(ordered)
+    while end > 0:
+        groups.append(order[cut[end]:end])
+        end = cut[end]
+    return groups[::-1]
+
+
+def build_batch(items: Sequence[Sequence[int] | Ids], layout: str, pad_id: int,
+                max_tokens: int, split_tokens: int) -> TextBatch:
+    """The valid rows → the forwards of `layout` (bag, longest, max_tokens or bucketed)."""
+    flat, lengths = _flat(items)
+    size = len(items)
+    if layout == "bag":
+        return TextBatch(size, (Part(None, bag_batch(flat, lengths)),))
+    if layout != "bucketed" or size == 1:
+        width = max_tokens if layout == "max_tokens" else None
+        return TextBatch(size, (Part(None, pad_batch(flat, lengths, pad_id, width)),))
+    groups = plan_buckets(lengths.tolist(), split_tokens)
+    if len(groups) == 1:
+        return TextBatch(size, (Part(None, pad_batch(flat, lengths, pad_id)),))
+    starts = torch.cumsum(lengths, 0) - lengths
+    parts = []
+    for group in groups:
+        rows = torch.tensor(group, dtype=torch.int64)
+        sub_lengths = lengths[rows]
+        # The ids of these rows, in this group's order: each row's start plus 0..len-1.
+        within = torch.arange(int(sub_lengths.sum())) - torch.repeat_interleave(
+            torch.cumsum(sub_lengths, 0) - sub_lengths, sub_lengths)
+        positions = torch.repeat_interleave(starts[rows], sub_lengths) + within
+        parts.append(Part(rows, pad_batch(flat[positions], sub_lengths, pad_id)))
+    return TextBatch(size, tuple(parts))
+
+
+def run_parts(batch: TextBatch,
+              forward: Callable[[tuple[torch.Tensor, torch.Tensor]], torch.Tensor]
+              ) -> torch.Tensor:
+    """`forward` each part, then the logits `[B, classes]` in the batch's row order.
+
+    Raises:
+        TypeError: a part's output is not `[rows of the part, classes]`, or parts disagree.
+    """
+    answers = [_checked(forward(part.inputs), part) for part in batch.parts]
+    if len(answers) == 1 and batch.parts[0].rows is None:
+        return answers[0]
+    classes = {logits.shape[1] for logits in answers}
+    if len(classes) != 1:
+        raise TypeError("text classifier model returned a different class count per call")
+    out = answers[0].new_empty((batch.size, classes.pop()))
+    for part, logits in zip(batch.parts, answers, strict=True):
+        out[part.rows if part.rows is not None else slice(None)] = logits
+    return out
+
+
+def _checked(logits: object, part: Part) -> torch.Tensor:
+    rows = len(part.rows) if part.rows is not None else len(part.inputs[1])
+    if not isinstance(logits, torch.Tensor) or logits.dim() != 2 or logits.shape[0] != rows:
+        raise TypeError("text classifier model must return logits [batch, classes]")
+    return logits
