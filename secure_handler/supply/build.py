@@ -146,6 +146,7 @@ def _check_and_build(
         result.findings.extend(report.findings)
         return None
     result.sha256 = report.sha256
+    result.notes.extend(f"scan waiver used (operator policy): {w}" for w in report.waivers)
     return mar
 
 

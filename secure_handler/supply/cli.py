@@ -14,8 +14,9 @@ from pathlib import Path
 from typing import Any
 
 from secure_handler.supply.build import ArchiveRequest, ArchiverError, build_archive
-from secure_handler.supply.findings import Finding, blocking
-from secure_handler.supply.scan import scan_paths
+from secure_handler.supply.findings import Finding
+from secure_handler.supply.policy import add_policy_argument, policy_from_args
+from secure_handler.supply.scan_cli import add_scan
 from secure_handler.supply.templates import HANDLER_KINDS
 from secure_handler.supply.verify import (
     LockResult,
@@ -39,7 +40,7 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
     """Add `archive`, `verify`, `scan`, `lock` and `sign` to the `secure-handler` parser."""
     _add_archive(sub)
     _add_verify(sub)
-    _add_scan(sub)
+    add_scan(sub)
     _add_lock(sub)
     _add_sign(sub)
 
@@ -66,6 +67,7 @@ def _add_policy(parser: argparse.ArgumentParser) -> None:
         metavar="NAME",
         help="allow a handler module that is not in the archive (repeatable)",
     )
+    add_policy_argument(group)
     group.add_argument("--max-members", type=int, default=ZipLimits.max_members)
     group.add_argument("--max-total-bytes", type=int, default=ZipLimits.max_total_bytes)
     group.add_argument(
@@ -85,6 +87,7 @@ def _options(args: argparse.Namespace, require_digests: bool = True) -> VerifyOp
         builtin_handlers=frozenset(args.allow_builtin_handler),
         require_digests=require_digests,
         limits=limits,
+        policy=policy_from_args(args),
     )
 
 
@@ -199,10 +202,10 @@ def _add_verify(sub: argparse._SubParsersAction[Any]) -> None:
 
 
 def _cmd_verify(args: argparse.Namespace) -> int:
-    options = _options(args, require_digests=not args.allow_missing_digests)
     if bool(args.signature) != bool(args.public_key):
         return _usage_error("verify", ValueError("--signature and --public-key go together"))
     try:
+        options = _options(args, require_digests=not args.allow_missing_digests)
         if args.target.is_dir():
             if args.lock is None:
                 raise ValueError("a directory is verified as a model store: pass --lock FILE")
@@ -257,33 +260,6 @@ def _verify_store(args: argparse.Namespace, options: VerifyOptions) -> int:
     return EXIT_OK if ok else EXIT_FINDINGS
 
 
-# --- scan --------------------------------------------------------------------------------
-
-
-def _add_scan(sub: argparse._SubParsersAction[Any]) -> None:
-    p = sub.add_parser(
-        "scan",
-        help="static analysis of handler .py files",
-        description="AST scan of handler code: rule id, file:line and CWE per "
-        "finding. Waive a reviewed line with `# secure-handler: allow[RULE]`.",
-    )
-    p.add_argument("paths", nargs="+", type=Path, help=".py files or directories")
-    p.add_argument("--json", action="store_true", help="print one JSON object")
-    p.set_defaults(func=_cmd_scan)
-
-
-def _cmd_scan(args: argparse.Namespace) -> int:
-    findings = scan_paths(args.paths)
-    refused = blocking(findings)
-    head = [
-        f"{'REFUSED' if refused else 'OK'}: {len(refused)} finding(s), "
-        f"{len(findings) - len(refused)} allowed by review comments"
-    ]
-    payload = {"ok": not refused, "findings": [f.to_dict() for f in findings]}
-    _emit(args, payload, [*head, *_finding_lines(findings)])
-    return EXIT_FINDINGS if refused else EXIT_OK
-
-
 # --- lock --------------------------------------------------------------------------------
 
 
@@ -305,7 +281,11 @@ def _cmd_lock(args: argparse.Namespace) -> int:
     if not args.store.is_dir():
         return _usage_error("lock", ValueError(f"{args.store} is not a directory"))
     ignore = [args.output] if args.output else []
-    result = lock_store(args.store, _options(args), ignore)
+    try:
+        options = _options(args)
+    except ValueError as exc:
+        return _usage_error("lock", exc)
+    result = lock_store(args.store, options, ignore)
     if not result.ok:
         lines = [f"REFUSED: nothing locked in {args.store}", *_lock_lines(result)]
         _emit_stream(args, _lock_payload(result), lines, sys.stdout if args.output else sys.stderr)

@@ -2,11 +2,12 @@
 
 Every check (`scan`, `verify`, `archive`, `lock`) reports `Finding`s. Each names a stable rule
 id, the CWE it maps to, where it was found (`file:line`, a MAR member, or a path) and why.
-Rule ids are a public contract, like error codes: CI jobs and allow comments name them.
+Rule ids are a public contract, like error codes: CI jobs and operator policy files name them.
 
-* SH0xx  the check itself could not run (unparseable handler)
-* SH1xx  handler code imports something dangerous        (scan)
-* SH2xx  handler code calls something dangerous          (scan)
+* SH0xx  the scan could not judge a file: unparseable, not UTF-8, unknown syntax (scan)
+* SH11x  imports outside the scan's allowlist              (scan)
+* SH21x  names and attributes outside the allowlist        (scan)
+* SH10x, SH20x  the old denylist, now only `scan --lint` (advice, never a refusal)
 * SH3xx  the zip container is unsafe                     (verify)
 * SH4xx  the archive's content is unsafe                 (verify, archive)
 * SH5xx  integrity: digests, pins, lock files            (verify, lock)
@@ -32,16 +33,27 @@ class Rule:
 
 _RULE_ROWS = [
     ("SH001", "unparseable-code", "CWE-20", "a .py file that cannot be parsed cannot be checked"),
-    ("SH101", "process-execution", "CWE-78", "subprocess, pty or os process/exec/system"),
-    ("SH102", "deserialization-module", "CWE-502", "pickle, marshal, shelve, dill, joblib..."),
-    ("SH103", "native-code", "CWE-94", "ctypes/cffi load and call native code"),
-    ("SH104", "network-client", "CWE-918", "sockets, HTTP clients, torch.hub"),
-    ("SH105", "dynamic-import", "CWE-94", "importlib, runpy, builtins, code"),
-    ("SH201", "code-evaluation", "CWE-95", "eval, exec, compile, __import__"),
-    ("SH202", "dynamic-attribute", "CWE-470", "getattr/setattr/delattr with a computed name"),
-    ("SH203", "file-write", "CWE-73", "open() for writing or with a computed path"),
-    ("SH204", "unsafe-deserialization-call", "CWE-502", "torch.load without weights_only..."),
-    ("SH205", "reflection", "CWE-470", "__globals__, __subclasses__, globals(), sys.modules..."),
+    ("SH002", "source-encoding", "CWE-176", "a .py is not UTF-8 or declares another encoding"),
+    ("SH003", "unsupported-syntax", "CWE-20", "syntax the allowlist scan does not judge"),
+    ("SH110", "import-not-allowed", "CWE-749", "a module outside the scan's allowlist"),
+    ("SH111", "name-not-allowed", "CWE-749", "a name outside its module's allowlist"),
+    ("SH112", "star-import", "CWE-749", "`from m import *` brings in unknown names"),
+    ("SH113", "relative-import-outside", "CWE-829", "a relative import outside the archive"),
+    ("SH114", "module-as-value", "CWE-749", "a module used other than as `module.name`"),
+    ("SH210", "builtin-not-allowed", "CWE-95", "eval, exec, open, __import__, type, vars..."),
+    ("SH211", "private-attribute", "CWE-470", "_private, __special__, frame/code internals"),
+    ("SH212", "unsafe-attribute", "CWE-749", "a method that writes files or loads code"),
+    ("SH213", "computed-attribute", "CWE-470", "getattr/setattr without a literal name"),
+    ("SH101", "process-execution", "CWE-78", "lint: subprocess, pty or os process/exec/system"),
+    ("SH102", "deserialization-module", "CWE-502", "lint: pickle, marshal, shelve, dill..."),
+    ("SH103", "native-code", "CWE-94", "lint: ctypes/cffi load and call native code"),
+    ("SH104", "network-client", "CWE-918", "lint: sockets, HTTP clients, torch.hub"),
+    ("SH105", "dynamic-import", "CWE-94", "lint: importlib, runpy, builtins, code"),
+    ("SH201", "code-evaluation", "CWE-95", "lint: eval, exec, compile, __import__"),
+    ("SH202", "dynamic-attribute", "CWE-470", "lint: getattr/setattr/delattr with a computed name"),
+    ("SH203", "file-write", "CWE-73", "lint: open() for writing or with a computed path"),
+    ("SH204", "unsafe-deserialization-call", "CWE-502", "lint: torch.load without weights_only..."),
+    ("SH205", "reflection", "CWE-470", "lint: __globals__, globals(), sys.modules..."),
     ("SH301", "not-a-zip", "CWE-20", "the file is not a readable zip archive"),
     ("SH302", "zip-absolute-path", "CWE-22", "a member name is absolute or has a drive/backslash"),
     ("SH303", "zip-path-traversal", "CWE-22", "a member name has a '..' or '.' component"),
@@ -53,7 +65,6 @@ _RULE_ROWS = [
     ("SH309", "zip-bomb-ratio", "CWE-409", "a member's compression ratio is over the limit"),
     ("SH310", "zip-header-mismatch", "CWE-436", "local headers differ from the central directory"),
     ("SH311", "zip-unsupported-method", "CWE-20", "compression other than stored/deflated"),
-    ("SH312", "zip-not-canonical", "CWE-436", "a zip construct outside the form zipfile writes"),
     ("SH401", "manifest-invalid", "CWE-20", "MAR-INF/MANIFEST.json is missing or malformed"),
     ("SH402", "eager-model-file", "CWE-502", "modelFile makes TorchServe torch.load (unpickle)"),
     ("SH403", "requirements-file", "CWE-829", "a requirements file is pip-installed at load"),
@@ -67,7 +78,6 @@ _RULE_ROWS = [
     ("SH411", "config-invalid", "CWE-20", "the model-config file is not a YAML mapping"),
     ("SH412", "module-shadowing", "CWE-427", "a member shadows an importable module"),
     ("SH413", "dangerous-pickle-globals", "CWE-502", "a pickle imports dangerous globals"),
-    ("SH414", "config-launch-setting", "CWE-15", "model-config changes how TorchServe launches"),
     ("SH501", "digests-missing", "CWE-345", "no embedded digest manifest"),
     ("SH502", "digest-mismatch", "CWE-345", "a member differs from its embedded digest"),
     ("SH503", "digest-unlisted-member", "CWE-345", "a member is not in the digest manifest"),
@@ -86,7 +96,7 @@ RULES: dict[str, Rule] = {row[0]: Rule(*row) for row in _RULE_ROWS}
 
 @dataclass(frozen=True)
 class Finding:
-    """One problem: which rule, where, and why. `allowed` findings were reviewed and waived."""
+    """One problem: which rule, where, and why. `allowed`: waived by the operator's policy."""
 
     rule: str
     cwe: str
@@ -111,7 +121,7 @@ class Finding:
         }
 
     def __str__(self) -> str:
-        waived = " (allowed by review comment)" if self.allowed else ""
+        waived = " (waived)" if self.allowed else ""
         return f"{self.location}: {self.rule} {self.name} [{self.cwe}] {self.message}{waived}"
 
 
@@ -121,5 +131,5 @@ def finding(rule: str, location: str, message: str, allowed: bool = False) -> Fi
 
 
 def blocking(findings: list[Finding]) -> list[Finding]:
-    """The findings that refuse: all but those waived by a reviewed allow comment."""
+    """The findings that refuse: all but those waived by the operator's policy file."""
     return [f for f in findings if not f.allowed]

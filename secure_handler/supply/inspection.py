@@ -18,16 +18,15 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+import yaml
+
 from secure_handler.errors import UnsafeModelError
 from secure_handler.serving.loading import DIGESTS_MEMBER, check_torchscript_archive, sha256_file
+from secure_handler.supply.carriers import code_carrier
 from secure_handler.supply.findings import Finding, blocking, finding
-from secure_handler.supply.modelconfig import (
-    MAX_CONFIG_BYTES,
-    check_model_config,
-    read_model_config,
-)
 from secure_handler.supply.pickles import report_pickle, sniff_pickle
-from secure_handler.supply.scan import scan_file
+from secure_handler.supply.policy import Policy
+from secure_handler.supply.scan import scan_tree
 from secure_handler.supply.zipsafe import ZipLimits, check_entries
 
 __all__ = ["MANIFEST_MEMBER", "MarReport", "VerifyOptions", "inspect_tree", "read_json"]
@@ -37,13 +36,6 @@ MANIFEST_MEMBER = "MAR-INF/MANIFEST.json"
 _MAX_JSON_BYTES = 16 << 20
 _HEX64 = re.compile(r"[0-9a-fA-F]{64}")
 _COMPILED_SUFFIXES = (".pyc", ".pyo", ".pyd", ".so", ".dylib", ".dll")
-_ARCHIVE_MAGIC = (
-    (b"PK\x03\x04", "zip"),
-    (b"\x1f\x8b", "gzip"),
-    (b"BZh", "bzip2"),
-    (b"\xfd7zXZ\x00", "xz"),
-    (b"7z\xbc\xaf\x27\x1c", "7z"),
-)
 _PYTHON_RUNTIMES = frozenset({"python", "python3"})
 
 
@@ -56,6 +48,8 @@ class VerifyOptions:
     builtin_handlers: frozenset[str] = frozenset()
     require_digests: bool = True
     limits: ZipLimits = field(default_factory=ZipLimits)
+    #: The operator's waivers for the handler scan (`--policy`); never read from the archive.
+    policy: Policy | None = None
 
 
 @dataclass
@@ -71,6 +65,8 @@ class MarReport:
     digests_sha256: str | None = None
     findings: list[Finding] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    #: The policy waivers the scan used ({file, rule, line_sha256}); recorded in the lock.
+    waivers: list[dict[str, str]] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -82,7 +78,7 @@ class MarReport:
 
     def lock_entry(self) -> dict[str, Any]:
         """This archive's entry in a lock file (the trust store the worker reads)."""
-        return {
+        entry: dict[str, Any] = {
             "name": self.name,
             "version": self.version,
             "mar": Path(self.path).name,
@@ -91,6 +87,9 @@ class MarReport:
             "serialized_sha256": self.serialized_sha256,
             "digests_sha256": self.digests_sha256,
         }
+        if self.waivers:  # absent when none, so locks without waivers keep their shape
+            entry["waivers"] = list(self.waivers)
+        return entry
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -116,7 +115,9 @@ def inspect_tree(
     roles: set[str] = {MANIFEST_MEMBER, DIGESTS_MEMBER}
     if manifest is not None:
         roles |= _check_manifest(root, files, manifest, options, report, hashes)
-    for name in sorted(set(files) - roles):
+    members = sorted(set(files) - roles)
+    _scan_python(root, [m for m in members if _is_python(m)], options, report)
+    for name in members:
         _check_member(root, name, options, report)
     if check_digests:
         _check_digests(root, files, options, report, hashes)
@@ -219,13 +220,12 @@ def _check_config(
         report.add("SH411", MANIFEST_MEMBER, f"configFile {config!r} is not a member")
         return set()
     try:
-        with (root / config).open("rb") as fh:  # bounded: a config is a few hundred bytes
-            data = read_model_config(fh.read(MAX_CONFIG_BYTES + 1))
-    except ValueError as exc:
-        report.add("SH411", config, str(exc))
+        data = yaml.safe_load((root / config).read_text("utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        report.add("SH411", config, f"not valid YAML: {exc}")
         return {config}
-    for rule, message in check_model_config(data):  # launch settings, by allowlist
-        report.add(rule, config, message)
+    if data is not None and not isinstance(data, dict):
+        report.add("SH411", config, "model-config must be a YAML mapping")
     return {config}
 
 
@@ -282,6 +282,18 @@ def _shadowed(name: str) -> str | None:
     return top if top in _importable_names() else None
 
 
+def _is_python(name: str) -> bool:
+    return name.lower().endswith(".py")
+
+
+def _scan_python(root: Path, names: list[str], options: VerifyOptions, report: MarReport) -> None:
+    """The allowlist scan of every `.py` member together (they may import each other)."""
+    sources = {name: (root / name).read_bytes() for name in names}
+    scanned = scan_tree(sources, f"{Path(report.path).name}!", options.policy)
+    report.findings.extend(scanned.findings)
+    report.waivers.extend(scanned.waivers)
+
+
 def _check_member(root: Path, name: str, options: VerifyOptions, report: MarReport) -> None:
     if module := _shadowed(name):
         report.add(
@@ -290,23 +302,14 @@ def _check_member(root: Path, name: str, options: VerifyOptions, report: MarRepo
             f"would shadow the installed module {module!r}: the model directory comes first "
             "on the worker's import path. Rename it",
         )
-    if name.endswith(".py"):
-        for hit in scan_file(root / name, display=f"{Path(report.path).name}!{name}"):
-            report.findings.append(hit)
+    if carrier := code_carrier(root / name, name):
+        report.add(*carrier)
         return
-    if name.endswith(_COMPILED_SUFFIXES):
-        report.add("SH408", name, "compiled code cannot be reviewed or scanned; ship source")
-        return
+    if _is_python(name):
+        return  # judged by the allowlist scan
     kind = sniff_pickle(root / name)
     if kind:
         _check_pickle(root / name, name, kind, options, report)
-        return
-    with (root / name).open("rb") as fh:
-        head = fh.read(8)
-    for magic, label in _ARCHIVE_MAGIC:
-        if head.startswith(magic):
-            report.add("SH410", name, f"a nested {label} archive; its content is not inspected")
-            return
 
 
 def _check_pickle(

@@ -1,417 +1,221 @@
-"""Static analysis of handler code, on its AST: what a MAR would run inside the worker.
+"""Allowlist scan of the Python in a model archive: code runs only if it is on the list.
 
-TorchServe imports the handler `.py` of a MAR (and anything it imports from the archive) in the
-worker process, so a handler is code execution by design. The scan flags what a preprocessing
-handler has no business doing: spawning processes, unpickling, native code, network clients,
-dynamic imports, eval, reflective attribute access, writing files, `torch.load` without
-`weights_only=True`.
+TorchServe imports the handler `.py` of a MAR, and whatever it imports from the archive, in the
+worker, so every `.py` in the archive is code execution by design. A denylist over Python cannot
+be complete, so this scan judges each file by what it may do (`supply/scan_rules.py`):
 
-Names are resolved the way Python resolves them, not by substring: `import subprocess as sp`,
-`from os import system as s`, `o = os; o.system`, `torch.os.system` and
-`getattr(getattr(torch, "os"), "system")` all resolve to the dangerous name. What cannot be
-resolved statically (`getattr(os, "sys" + "tem")`) is itself a finding.
+* the file is UTF-8 and declares no other encoding (SH002);
+* it uses only syntax the scan understands (SH003);
+* it imports only listed modules (SH110) and only listed names from them (SH111), no `*`
+  (SH112), no relative import outside the archive (SH113); a module is used only as
+  `module.name` and an imported name is never rebound (SH114);
+* it names only listed builtins (SH210): a forbidden builtin may not be referenced at all, so
+  `x = eval`, `[eval][0]`, `map(eval, ...)` and `def f(e=eval)` are refused alike;
+* no private, special or frame attribute (SH211), no attribute that writes files or reaches
+  native code on any value (SH212), `getattr`/`setattr` only with a literal name (SH213).
 
-A reviewed line can waive a rule by naming it in a comment on that line:
-
-    open(cache_path, "wb")  # secure-handler: allow[SH203] cache lives in the model dir
-
-Waived findings are still reported (`allowed: true`) but do not refuse.
+Comments are never read: a waiver comes only from the operator's policy (`supply/policy.py`).
 """
 
 from __future__ import annotations
 
 import ast
+import codecs
 import io
 import os
 import re
 import tokenize
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from secure_handler.supply.findings import Finding, finding
+from secure_handler.supply.policy import WAIVABLE_RULES, Policy, apply_policy, line_sha256
+from secure_handler.supply.scan_judge import FIX, ScanContext, judge_module, module_name
 
-__all__ = ["scan_file", "scan_paths", "scan_source"]
+__all__ = [
+    "ScanContext",
+    "ScanReport",
+    "module_name",
+    "python_files",
+    "scan_file",
+    "scan_paths",
+    "scan_source",
+    "scan_tree",
+]
 
-_PROCESS_MODULES = frozenset({"subprocess", "pty", "commands", "popen2", "asyncio.subprocess"})
-_OS_MODULES = frozenset({"os", "posix", "nt"})
-_OS_PROCESS_FUNCS = frozenset(
-    {
-        "system", "popen", "popen2", "popen3", "popen4", "fork", "forkpty", "startfile",
-        "posix_spawn", "posix_spawnp", "execl", "execle", "execlp", "execlpe", "execv",
-        "execve", "execvp", "execvpe", "spawnl", "spawnle", "spawnlp", "spawnlpe", "spawnv",
-        "spawnve", "spawnvp", "spawnvpe",
-    }
-)  # fmt: skip
-_OTHER_PROCESS_NAMES = frozenset(
-    {"asyncio.create_subprocess_exec", "asyncio.create_subprocess_shell"}
-)
-_DESERIALIZE_MODULES = frozenset(
-    {"pickle", "cPickle", "_pickle", "marshal", "shelve", "dill", "cloudpickle", "joblib",
-     "jsonpickle"}
-)  # fmt: skip
-_NATIVE_MODULES = frozenset({"ctypes", "_ctypes", "cffi"})
-_NETWORK_MODULES = frozenset(
-    {"socket", "_socket", "socketserver", "http.client", "http.server", "urllib.request",
-     "urllib3", "requests", "httpx", "aiohttp", "ftplib", "smtplib", "poplib", "imaplib",
-     "telnetlib", "nntplib", "xmlrpc", "websocket", "websockets", "paramiko", "torch.hub"}
-)  # fmt: skip
-_DYNAMIC_MODULES = frozenset(
-    {"importlib", "imp", "runpy", "builtins", "__builtin__", "code", "codeop", "zipimport"}
-)
-_MODULE_RULES = (
-    (_PROCESS_MODULES, "SH101", "runs OS processes"),
-    (_DESERIALIZE_MODULES, "SH102", "deserializes with pickle-like formats (code execution)"),
-    (_NATIVE_MODULES, "SH103", "loads and calls native code"),
-    (_NETWORK_MODULES, "SH104", "opens network connections"),
-    (_DYNAMIC_MODULES, "SH105", "imports or runs code chosen at run time"),
-)
-#: Names an attribute chain may reach without an import (`torch.os.subprocess`...).
-#: `code`/`codeop` are left out: `.code` is a common attribute (ScriptModule.code).
-_MODULE_LEAVES = {
-    name: (rule, why)
-    for names, rule, why in _MODULE_RULES
-    for name in names
-    if "." not in name and name not in {"code", "codeop"}
-}
+_COOKIE = re.compile(rb"coding[:=][ \t]*([-\w.]+)", re.IGNORECASE)
+_BOM = codecs.BOM_UTF8
+_UTF8_NAMES = frozenset({"utf-8", "utf8", "utf_8"})
+#: How Python counts lines (ast line numbers): not str.splitlines, which also splits on \f.
+_LINES = re.compile(r"\r\n|\r|\n")
 
-_EVAL_BUILTINS = frozenset({"eval", "exec", "compile", "__import__"})
-_ATTR_BUILTINS = frozenset({"getattr", "setattr", "delattr"})
-_REFLECTION_BUILTINS = frozenset({"globals", "vars", "locals"})
-_REFLECTION_ATTRS = frozenset(
-    {"__dict__", "__globals__", "__builtins__", "__subclasses__", "__code__", "__bases__",
-     "__mro__", "__getattribute__", "__loader__"}
-)  # fmt: skip
-_REFLECTION_NAMES = frozenset({"sys.modules", "sys._getframe", "__builtins__"})
-_ATTRGETTERS = frozenset({"operator.attrgetter", "operator.methodcaller"})
-_OPEN_NAMES = frozenset({"open", "io.open", "builtins.open", "codecs.open"})
-_TORCH_LOADS = frozenset({"torch.load", "torch.serialization.load"})
-_PICKLE_CALLS = frozenset({"pandas.read_pickle", "numpy.load"})
-_ALLOW_RE = re.compile(r"secure-handler:\s*allow\[([A-Za-z0-9_,\s-]+)\]")
-_BUILTIN_PREFIX = "builtins."
+
+# --- source -------------------------------------------------------------------------------
+
+
+def _decode(data: bytes) -> tuple[str | None, str]:
+    """The source text, or None and why it is refused. Python's own detection must agree."""
+    # Python reads a declaration on line 1 or 2; both ways of splitting lines are searched.
+    head = b"\n".join([*data.split(b"\n", 2)[:2], *re.split(rb"\r\n|\r|\n", data, maxsplit=2)[:2]])
+    for match in _COOKIE.finditer(head):
+        name = match.group(1).decode("ascii", "replace").lower()
+        if name not in _UTF8_NAMES:
+            return None, f"declares the encoding {name!r} (only UTF-8 is read as it runs)"
+    try:
+        detected, _ = tokenize.detect_encoding(io.BytesIO(data).readline)
+    except SyntaxError as exc:
+        return None, f"has an encoding declaration Python refuses: {exc}"
+    if detected not in ("utf-8", "utf-8-sig"):
+        return None, f"Python would read it as {detected!r}, not UTF-8"
+    try:
+        return data.removeprefix(_BOM).decode("utf-8", "strict"), ""
+    except UnicodeDecodeError as exc:
+        return None, f"is not UTF-8 ({exc.reason} at byte {exc.start})"
+
+
+def _defined_names(tree: ast.Module) -> frozenset[str]:
+    """Names a module defines at top level (not those it imports): what others may import."""
+    names: set[str] = set()
+    stack: list[ast.stmt] = list(tree.body)
+    while stack:
+        node = stack.pop()
+        if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+            names.add(node.name)
+        elif isinstance(node, (ast.Assign, ast.AnnAssign, ast.AugAssign, ast.For, ast.With)):
+            targets = [n for n in ast.walk(node) if isinstance(n, ast.Name)]
+            names.update(n.id for n in targets if isinstance(n.ctx, ast.Store))
+        elif isinstance(node, (ast.If, ast.Try, ast.While)):
+            for block in ("body", "orelse", "finalbody"):
+                stack.extend(getattr(node, block, []))
+    return frozenset(names)
+
+
+# --- entry points ---------------------------------------------------------------------------
 
 
 @dataclass
-class _Names:
-    """What each local name refers to: `sp` → `subprocess`, `s` → `os.system`."""
+class ScanReport:
+    """Findings (waived ones marked `allowed`) and the policy waivers they used."""
 
-    aliases: dict[str, str] = field(default_factory=dict)
-
-    def qualify(self, node: ast.expr) -> str | None:
-        """The dotted name an expression refers to, or None when it is not a plain name."""
-        if isinstance(node, ast.Name):
-            return self.aliases.get(node.id, node.id)
-        if isinstance(node, ast.Attribute):
-            base = self.qualify(node.value)
-            return f"{base}.{node.attr}" if base else None
-        if isinstance(node, ast.Call) and self.is_builtin(node.func, "getattr"):
-            literal = _literal_str(node.args[1]) if len(node.args) >= 2 else None
-            base = self.qualify(node.args[0]) if node.args else None
-            return f"{base}.{literal}" if base and literal else None
-        return None
-
-    def is_builtin(self, node: ast.expr, name: str) -> bool:
-        """True when `node` is the builtin `name` (not shadowed by an import or assignment)."""
-        return self.qualify(node) in (name, _BUILTIN_PREFIX + name)
+    findings: list[Finding] = field(default_factory=list)
+    waivers: list[dict[str, str]] = field(default_factory=list)
 
 
-def _literal_str(node: ast.expr) -> str | None:
-    return node.value if isinstance(node, ast.Constant) and isinstance(node.value, str) else None
-
-
-def _module_rule(qualified: str) -> tuple[str, str] | None:
-    """The rule a dotted module (or a name inside it) falls under, by its longest prefix."""
-    parts = qualified.split(".")
-    for end in range(len(parts), 0, -1):
-        prefix = ".".join(parts[:end])
-        for names, rule, why in _MODULE_RULES:
-            if prefix in names:
-                return rule, f"{prefix} {why}"
-    return None
-
-
-def _process_name(qualified: str) -> bool:
-    parts = qualified.split(".")
-    pairs = zip(parts, parts[1:], strict=False)
-    return qualified in _OTHER_PROCESS_NAMES or any(
-        a in _OS_MODULES and b in _OS_PROCESS_FUNCS for a, b in pairs
-    )
-
-
-class _Visitor(ast.NodeVisitor):
-    """Walks one module and collects raw findings as (rule, node, message)."""
-
-    def __init__(self, names: _Names) -> None:
-        self.names = names
-        self.hits: list[tuple[str, ast.AST, str]] = []
-        self._inner_attrs: set[int] = set()
-
-    def hit(self, rule: str, node: ast.AST, message: str) -> None:
-        self.hits.append((rule, node, message))
-
-    # --- imports ------------------------------------------------------------------------
-
-    def visit_Import(self, node: ast.Import) -> None:
-        for alias in node.names:
-            self._check_imported(alias.name, node)
-
-    def visit_ImportFrom(self, node: ast.ImportFrom) -> None:
-        if node.level or not node.module:
-            return  # relative imports load the archive's own (scanned) modules
-        for alias in node.names:
-            if alias.name == "*":
-                self._check_star(node.module, node)
-            else:
-                self._check_imported(f"{node.module}.{alias.name}", node)
-
-    def _check_star(self, module: str, node: ast.AST) -> None:
-        if module in _OS_MODULES:
-            self.hit("SH101", node, f"`from {module} import *` brings in system/exec/spawn")
-        elif rule := _module_rule(module):
-            self.hit(rule[0], node, f"`from {module} import *`: {rule[1]}")
-
-    def _check_imported(self, qualified: str, node: ast.AST) -> None:
-        if _process_name(qualified):
-            self.hit("SH101", node, f"imports {qualified}, which runs OS commands")
-            return
-        rule = _module_rule(qualified)
-        if rule:
-            self.hit(rule[0], node, f"imports {qualified}: {rule[1]}")
-
-    # --- names and attributes ---------------------------------------------------------------
-
-    def visit_Attribute(self, node: ast.Attribute) -> None:
-        if isinstance(node.value, ast.Attribute):
-            self._inner_attrs.add(id(node.value))
-        if id(node) not in self._inner_attrs:
-            self._check_chain(node)
-        if node.attr in _REFLECTION_ATTRS:
-            self.hit("SH205", node, f"reflective access to `.{node.attr}` can reach any object")
-        self.generic_visit(node)
-
-    def visit_Name(self, node: ast.Name) -> None:
-        if node.id == "__builtins__":
-            self.hit("SH205", node, "`__builtins__` gives access to eval/exec/__import__")
-
-    def _check_chain(self, node: ast.expr) -> None:
-        # Only chains rooted at an imported name are module paths; `self.code` is not.
-        qualified = self.names.qualify(node)
-        root = _root_name(node)
-        if not qualified or root is None or root not in self.names.aliases:
-            return
-        parts = qualified.split(".")
-        if _process_name(qualified):
-            self.hit("SH101", node, f"uses {qualified}, which runs OS commands")
-        elif qualified in _REFLECTION_NAMES:
-            self.hit("SH205", node, f"`{qualified}` gives access to any loaded module or frame")
-        elif (rule := _module_rule(qualified)) and not _module_rule(self.names.aliases[root]):
-            # `import torch` then `torch.hub.load`: the import alone was not a finding.
-            self.hit(rule[0], node, f"uses {qualified}: {rule[1]}")
-        else:
-            # A module reached as an attribute of another module (`torch.os`, `np.ctypes`)
-            # bypasses import statements, so flag the attribute itself.
-            for part in parts[1:]:
-                if part in _MODULE_LEAVES:
-                    leaf_rule, why = _MODULE_LEAVES[part]
-                    self.hit(leaf_rule, node, f"reaches {qualified}: {part} {why}")
-                    break
-
-    # --- calls ------------------------------------------------------------------------------
-
-    def visit_Call(self, node: ast.Call) -> None:
-        qualified = self.names.qualify(node.func) or ""
-        bare = qualified.removeprefix(_BUILTIN_PREFIX)
-        if bare in _EVAL_BUILTINS and qualified in (bare, _BUILTIN_PREFIX + bare):
-            self.hit("SH201", node, f"`{bare}()` runs code built at run time")
-        elif bare in _ATTR_BUILTINS and qualified in (bare, _BUILTIN_PREFIX + bare):
-            self._check_attr_call(node, bare)
-        elif bare in _REFLECTION_BUILTINS and qualified in (bare, _BUILTIN_PREFIX + bare):
-            self.hit("SH205", node, f"`{bare}()` exposes namespaces by name")
-        elif qualified in _ATTRGETTERS:
-            self.hit("SH202", node, f"`{qualified}` looks attributes up by string")
-        elif qualified in _OPEN_NAMES:
-            self._check_open(node, qualified)
-        elif qualified in _TORCH_LOADS:
-            self._check_torch_load(node, qualified)
-        elif qualified in _PICKLE_CALLS:
-            self._check_pickle_call(node, qualified)
-        self.generic_visit(node)
-
-    def _check_attr_call(self, node: ast.Call, builtin: str) -> None:
-        name = node.args[1] if len(node.args) >= 2 else None
-        if name is None or _literal_str(name) is None:
-            self.hit(
-                "SH202",
-                node,
-                f"`{builtin}()` with a computed attribute name cannot be "
-                "checked statically (e.g. getattr(os, 'sys' + 'tem'))",
-            )
-        elif builtin == "getattr":
-            self._check_chain(node)
-
-    def _check_open(self, node: ast.Call, qualified: str) -> None:
-        path = node.args[0] if node.args else _keyword(node, "file")
-        mode = node.args[1] if len(node.args) >= 2 else _keyword(node, "mode")
-        reasons = []
-        if path is not None and _literal_str(path) is None:
-            reasons.append("a computed path")
-        if mode is not None:
-            literal = _literal_str(mode)
-            if literal is None:
-                reasons.append("a computed mode")
-            elif set(literal) & set("wax+"):
-                reasons.append(f"mode {literal!r} (writes)")
-        if reasons:
-            self.hit("SH203", node, f"`{qualified}()` with {' and '.join(reasons)}")
-
-    def _check_torch_load(self, node: ast.Call, qualified: str) -> None:
-        flag = _keyword(node, "weights_only")
-        if not (isinstance(flag, ast.Constant) and flag.value is True):
-            self.hit(
-                "SH204",
-                node,
-                f"`{qualified}()` without weights_only=True unpickles arbitrary objects",
-            )
-
-    def _check_pickle_call(self, node: ast.Call, qualified: str) -> None:
-        if qualified == "pandas.read_pickle":
-            self.hit("SH204", node, "`pandas.read_pickle()` unpickles")
-            return
-        flag = _keyword(node, "allow_pickle")
-        if flag is not None and not (isinstance(flag, ast.Constant) and flag.value is False):
-            self.hit("SH204", node, "`numpy.load()` with allow_pickle unpickles object arrays")
-
-
-def _root_name(node: ast.expr) -> str | None:
-    """The name a chain like `a.b.c` or `getattr(a, "b").c` starts from."""
-    while True:
-        if isinstance(node, ast.Attribute):
-            node = node.value
-        elif isinstance(node, ast.Call) and node.args:
-            node = node.args[0]
-        else:
-            return node.id if isinstance(node, ast.Name) else None
-
-
-def _keyword(node: ast.Call, name: str) -> ast.expr | None:
-    for kw in node.keywords:
-        if kw.arg == name:
-            return kw.value
-    return None
-
-
-def _collect_aliases(tree: ast.Module) -> _Names:
-    """Map local names to dotted names: imports first, then `x = module.attr` assignments.
-
-    The analysis is flow-insensitive on purpose: a name bound to `os` anywhere counts as `os`
-    everywhere, which can only add findings.
-    """
-    names = _Names()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Import):
-            for alias in node.names:
-                if alias.asname:
-                    names.aliases[alias.asname] = alias.name
-                else:
-                    top = alias.name.split(".")[0]
-                    names.aliases[top] = top
-        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
-            for alias in node.names:
-                if alias.name != "*":
-                    names.aliases[alias.asname or alias.name] = f"{node.module}.{alias.name}"
-    # Assignments may chain (`a = os; b = a`), so resolve until nothing changes.
-    assigns = [
-        (node.targets[0].id, node.value)
-        for node in ast.walk(tree)
-        if isinstance(node, ast.Assign)
-        and len(node.targets) == 1
-        and isinstance(node.targets[0], ast.Name)
-        and isinstance(node.value, (ast.Name, ast.Attribute, ast.Call))
-    ]
-    for _ in range(len(assigns) + 1):
-        changed = False
-        for target, value in assigns:
-            qualified = names.qualify(value)
-            if qualified and qualified != target and names.aliases.get(target) != qualified:
-                names.aliases[target] = qualified
-                changed = True
-        if not changed:
-            break
-    return names
-
-
-def _allow_comments(source: str) -> dict[int, set[str]]:
-    """Line → rule ids waived by `# secure-handler: allow[RULE, ...]` on that line."""
-    allowed: dict[int, set[str]] = {}
+def _parse(data: bytes, display: str) -> tuple[ast.Module | None, Finding | None]:
+    source, why = _decode(data)
+    if source is None:
+        return None, finding("SH002", f"{display}:1", f"{why}; fix: {FIX['SH002']}")
     try:
-        tokens = list(tokenize.generate_tokens(io.StringIO(source).readline))
-    except (tokenize.TokenError, SyntaxError):
-        return allowed
-    for tok in tokens:
-        if tok.type == tokenize.COMMENT and (match := _ALLOW_RE.search(tok.string)):
-            rules = {r.strip().upper() for r in match.group(1).split(",") if r.strip()}
-            allowed.setdefault(tok.start[0], set()).update(rules)
-    return allowed
+        return ast.parse(source, filename=display), None
+    except (SyntaxError, ValueError, RecursionError, MemoryError) as exc:
+        line = getattr(exc, "lineno", None) or 0
+        return None, finding("SH001", f"{display}:{line}", f"does not parse: {exc}")
 
 
-def scan_source(source: str | bytes, filename: str = "<handler>") -> list[Finding]:
-    """Scan Python source; return findings sorted by line, waived ones marked `allowed`.
+def _statement_lines(node: ast.AST, parents: Mapping[int, ast.AST]) -> tuple[int, int]:
+    """The lines a waiver covers: the simple statement holding `node`, else `node` itself."""
+    statement: ast.AST | None = node
+    while statement is not None and not isinstance(statement, ast.stmt):
+        statement = parents.get(id(statement))
+    if statement is None or hasattr(statement, "body"):  # a def/if/with header: the node
+        statement = node
+    start = getattr(statement, "lineno", 0)
+    return start, getattr(statement, "end_lineno", None) or start
+
+
+def _hits(tree: ast.Module, member: str, display: str, context: ScanContext,
+          lines: list[str]) -> list[tuple[Finding, str, str]]:  # fmt: skip
+    """(finding, member, statement hash) for each refusal in one module, sorted by line."""
+    try:
+        hits, parents = judge_module(tree, member, context)
+    except RecursionError:  # absurd nesting is itself a reason to refuse
+        return [(finding("SH001", f"{display}:0", "nested too deeply to be analysed"), "", "")]
+    seen: set[tuple[str, int, str]] = set()
+    out: list[tuple[Finding, str, str]] = []
+    for rule, node, message in hits:
+        start, end = _statement_lines(node, parents)
+        digest = line_sha256("\n".join(lines[start - 1 : end]))
+        if (rule, start, message) in seen:
+            continue
+        seen.add((rule, start, message))
+        if rule in WAIVABLE_RULES:
+            message = f"{message} [line_sha256 {digest}]"
+        out.append((finding(rule, f"{display}:{start}", message), member, digest))
+    return sorted(out, key=lambda h: (int(h[0].location.rsplit(":", 1)[1]), h[0].rule))
+
+
+def scan_tree(files: Mapping[str, bytes], prefix: str = "", policy: Policy | None = None
+              ) -> ScanReport:  # fmt: skip
+    """Scan an archive's `.py` files together (member name → bytes), waivers from `policy`.
+
+    Locations are `{prefix}{member}:{line}`; imports between the files resolve to each other.
+    """
+    trees: dict[str, tuple[ast.Module, list[str]]] = {}
+    refused: list[Finding] = []
+    for member, data in sorted(files.items()):
+        tree, problem = _parse(data, f"{prefix}{member}")
+        if problem is not None:
+            refused.append(problem)
+        elif tree is not None:
+            trees[member] = (tree, _LINES.split(data.removeprefix(_BOM).decode("utf-8")))
+    context = ScanContext(_local_modules(files, {m: t for m, (t, _) in trees.items()}))
+    hits: list[tuple[Finding, str, str]] = []
+    for member, (tree, lines) in trees.items():
+        hits.extend(_hits(tree, member, f"{prefix}{member}", context, lines))
+    findings, used = apply_policy(hits, policy)
+    return ScanReport([*refused, *findings], used)
+
+
+def _local_modules(files: Iterable[str], trees: Mapping[str, ast.Module]
+                   ) -> dict[str, frozenset[str]]:  # fmt: skip
+    """Module name → names it defines, for every module and package of the archive."""
+    local: dict[str, frozenset[str]] = {}
+    for member in files:  # packages without __init__.py are namespace packages
+        parts = module_name(member).split(".")
+        for end in range(1, len(parts) + 1):
+            local.setdefault(".".join(parts[:end]), frozenset())
+    local.update({module_name(m): _defined_names(t) for m, t in trees.items()})
+    return local
+
+
+def scan_source(source: str | bytes, filename: str = "handler.py") -> list[Finding]:
+    """Scan one file on its own (no other archive modules to import, no waivers).
 
     Example:
         >>> [f.rule for f in scan_source("import subprocess as sp\\nsp.run(['id'])\\n")]
-        ['SH101']
+        ['SH110']
     """
-    if isinstance(source, bytes):
-        try:
-            source = source.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            return [finding("SH001", filename, f"not UTF-8 ({exc.reason}); cannot be checked")]
-    try:
-        tree = ast.parse(source, filename=filename)
-    except (SyntaxError, ValueError, RecursionError, MemoryError) as exc:
-        line = getattr(exc, "lineno", None) or 0
-        return [finding("SH001", f"{filename}:{line}", f"does not parse: {exc}")]
-    try:
-        visitor = _Visitor(_collect_aliases(tree))
-        visitor.visit(tree)
-    except RecursionError:  # absurd nesting is itself a reason to refuse
-        return [finding("SH001", filename, "nested too deeply to be analysed")]
-    return _to_findings(visitor.hits, _allow_comments(source), filename)
-
-
-def _to_findings(
-    hits: Iterable[tuple[str, ast.AST, str]], allowed: dict[int, set[str]], filename: str
-) -> list[Finding]:
-    seen: set[tuple[str, int, str]] = set()
-    out: list[Finding] = []
-    for rule, node, message in hits:
-        line = getattr(node, "lineno", 0)
-        end = getattr(node, "end_lineno", None) or line
-        if (rule, line, message) in seen:
-            continue
-        seen.add((rule, line, message))
-        waived = any(rule in allowed.get(n, ()) for n in range(line, end + 1))
-        out.append(finding(rule, f"{filename}:{line}", message, allowed=waived))
-    return sorted(out, key=lambda f: (int(f.location.rsplit(":", 1)[1]), f.rule))
+    data = source.encode("utf-8") if isinstance(source, str) else source
+    name = PurePosixPath(filename).name
+    return scan_tree({name: data}, prefix=filename[: len(filename) - len(name)]).findings
 
 
 def scan_file(path: str | os.PathLike[str], display: str | None = None) -> list[Finding]:
-    """Scan one `.py` file; `display` is the name used in locations (e.g. the MAR member)."""
-    data = Path(path).read_bytes()
-    return scan_source(data, display or os.fspath(path))
+    """Scan one `.py` file; `display` is the name used in locations."""
+    return scan_source(Path(path).read_bytes(), display or os.fspath(path))
 
 
-def _python_files(path: Path) -> Iterator[Path]:
+def python_files(path: Path) -> Iterator[tuple[str, Path]]:
+    """(member-style name, file) for a `.py` file, or every `.py` under a directory."""
     if path.is_dir():
-        yield from sorted(p for p in path.rglob("*.py") if p.is_file())
+        for file in sorted(p for p in path.rglob("*.py") if p.is_file()):
+            yield file.relative_to(path).as_posix(), file
     else:
-        yield path
+        yield path.name, path
 
 
-def scan_paths(paths: Iterable[str | os.PathLike[str]]) -> list[Finding]:
-    """Scan files, and every `.py` under directories. Raises OSError for unreadable paths."""
-    findings: list[Finding] = []
-    for path in paths:
-        for file in _python_files(Path(path)):
-            findings.extend(scan_file(file))
-    return findings
+def scan_paths(paths: Iterable[str | os.PathLike[str]], policy: Policy | None = None
+               ) -> ScanReport:  # fmt: skip
+    """Scan files, and each directory as one archive tree. Raises OSError when unreadable.
+
+    A waiver's `file` names a file as its path under the directory given (or its file name).
+    """
+    report = ScanReport()
+    for path in map(Path, paths):
+        files = {name: file.read_bytes() for name, file in python_files(path)}
+        prefix = f"{path}/" if path.is_dir() else os.fspath(path)[: -len(path.name)]
+        part = scan_tree(files, prefix, policy)
+        report.findings += part.findings
+        report.waivers += part.waivers
+    return report

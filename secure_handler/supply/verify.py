@@ -6,11 +6,12 @@ unpickles, and TorchServe keeps no digest of either. `verify_mar` checks, in thi
 1. the container (names, links, duplicates, encryption, bombs, Java/Python header agreement);
 2. after a bounded extraction: the manifest (no `modelFile`, no `requirementsFile` unless
    allowed, a known handler, a python runtime), the TorchScript layout of the serialized file,
-   every `.py` with `scan`, every other file for pickles, compiled code and nested archives,
-   and members that would shadow importable modules;
+   every `.py` with the allowlist `scan`, every other file for pickles, code Python could
+   import (compiled, zip-carrying, `.pth`), and members that would shadow importable modules;
 3. the embedded digest manifest (`MAR-INF/secure-handler-digests.json`): every member listed,
    every digest equal;
-4. optionally the whole-file SHA-256 and a lock-file entry.
+4. optionally the whole-file SHA-256 and a lock-file entry (including the scan waivers the
+   operator's policy granted: they must be the same).
 
 The lock file pins each archive outside the archive; the worker reads the same file through
 `$SECURE_HANDLER_TRUST_STORE` (`loading.verify_trust_store`).
@@ -180,6 +181,14 @@ def _compare_lock(report: MarReport, entry: Mapping[str, Any]) -> None:
             report.add(
                 "SH507", None, f"{key} is {mine[key]!r}, the lock file pins {entry.get(key)!r}"
             )
+    # The lock records the operator's waivers: verifying with another policy is a mismatch.
+    if (entry.get("waivers") or []) != mine.get("waivers", []):
+        report.add(
+            "SH507",
+            None,
+            f"the scan used the waivers {mine.get('waivers', [])}, the lock file records "
+            f"{entry.get('waivers') or []}: pass the --policy the lock was made with",
+        )
 
 
 # --- lock ------------------------------------------------------------------------------------

@@ -314,13 +314,17 @@ def test_extra_file_pickle_calling_os_system_is_refused(
 
 
 HOSTILE_HANDLERS = {
-    "subprocess-alias": ("import subprocess as sp\n", "sp.run(['id'])", "SH101", 1),
-    "from-import-system": ("from os import system\n", "system('id')", "SH101", 1),
-    "from-import-renamed": ("from os import system as log_it\n", "log_it('id')", "SH101", 1),
-    "from-posix": ("from posix import system\n", "system('id')", "SH101", 1),
-    "getattr-literal": ("import os\n", "getattr(os, 'system')('id')", "SH101", 9),
-    "getattr-computed": ("import os\n", "getattr(os, 'sys' + 'tem')('id')", "SH202", 9),
-    "torch-os": ("import torch\n", "torch.os.system('id')", "SH101", 9),
+    # the allowlist refuses the import itself: no such module may be named at all
+    "subprocess-alias": ("import subprocess as sp\n", "sp.run(['id'])", "SH110", 1),
+    "from-import-system": ("from os import system\n", "system('id')", "SH110", 1),
+    "from-import-renamed": ("from os import system as log_it\n", "log_it('id')", "SH110", 1),
+    "from-posix": ("from posix import system\n", "system('id')", "SH110", 1),
+    "getattr-literal": ("import os\n", "getattr(os, 'system')('id')", "SH110", 1),
+    # an allowed module, a name not on its list; a computed name; a value's file write
+    "torch-os": ("import torch\n", "torch.os.system('id')", "SH111", 9),
+    "getattr-computed": ("", "getattr(self.model, 'sa' + 've')('/tmp/x')", "SH213", 8),
+    "model-save": ("", "self.model.save('/tmp/x')", "SH212", 8),
+    "eval-alias": ("", "run = [eval][0]", "SH210", 8),
 }
 
 
@@ -339,7 +343,7 @@ def hostile_handler(directory: Path, header: str, call: str) -> Path:
 
 @pytest.mark.parametrize("case", sorted(HOSTILE_HANDLERS))
 def test_hostile_handler_is_refused(tmp_path: Path, src: Src, capsys: Any, case: str) -> None:
-    """CWE-78 (CWE-470 for computed names): handlers reaching os.system or subprocess."""
+    """CWE-749 (CWE-470 for computed names): handlers reaching processes, files or eval."""
     header, call, rule, line = HOSTILE_HANDLERS[case]
     handler = hostile_handler(tmp_path, header, call)
     code, found = refusal(archive_cmd(src, tmp_path, "h", handler=str(handler)), capsys)
