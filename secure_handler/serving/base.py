@@ -38,7 +38,7 @@ from secure_handler.errors import (
     SecureHandlerError,
 )
 from secure_handler.limits import BaseLimits, build_limits
-from secure_handler.serving import loading
+from secure_handler.serving import loading, pin
 from secure_handler.serving.metrics import StageTimer, count_rejection
 
 __all__ = ["SecureBaseHandler"]
@@ -117,9 +117,9 @@ class SecureBaseHandler(BaseHandler, ABC):  # type: ignore[misc]
         if self.limits.model_sha256:
             loading.verify_sha256(path, self.limits.model_sha256, "handler.model_sha256")
         digests = loading.verify_embedded_digests(model_dir)
-        version = (self.manifest.get("model") or {}).get("modelVersion")
-        loading.verify_trust_store(self.model_name, version, path, digests,
-                                   self.limits.require_pin)
+        # Identity is the name TorchServe registered; the archive's version is not consulted.
+        pin.verify_trust_store(self.model_name, path, digests, self.limits.require_pin,
+                               model_dir=model_dir)
         return loading.load_torchscript(path, self.device)
 
     # --- hooks -----------------------------------------------------------------------------

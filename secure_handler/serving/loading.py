@@ -33,7 +33,6 @@ __all__ = [
     "save_torchscript",
     "sha256_file",
     "verify_embedded_digests",
-    "verify_trust_store",
 ]
 
 logger = logging.getLogger(__name__)
@@ -178,57 +177,6 @@ def verify_embedded_digests(model_dir: str | os.PathLike[str]) -> str | None:
             raise IntegrityError(f"{DIGESTS_MEMBER} lists {member!r}, which is missing")
         verify_sha256(target, str(expected), DIGESTS_MEMBER)
     return sha256_file(manifest_path)
-
-
-def _trust_entry(store: Mapping[str, Any], name: str, version: str | None) -> Any:
-    for entry in store.get("models", []):
-        if entry.get("name") == name and (version is None or entry.get("version") == version):
-            return entry
-    return None
-
-
-def verify_trust_store(
-    name: str,
-    version: str | None,
-    serialized_path: str | os.PathLike[str],
-    digests_sha256: str | None,
-    required: bool,
-) -> bool:
-    """Check the model against the trust store named by `$SECURE_HANDLER_TRUST_STORE`.
-
-    The store lives outside the archive, so swapping the MAR cannot also swap the pin. It is a
-    lock file written by `secure-handler lock`. Returns True when an entry was checked.
-
-    Raises:
-        IntegrityError: a digest differs, or `required` and there is no store or entry.
-    """
-    store_path = os.environ.get(TRUST_STORE_ENV)
-    if not store_path:
-        if required:
-            raise IntegrityError(
-                f"require_pin is set but ${TRUST_STORE_ENV} is not set in the TorchServe "
-                "environment; point it at the lock file from `secure-handler lock`"
-            )
-        return False
-    try:
-        store = json.loads(Path(store_path).read_text("utf-8"))
-    except (OSError, ValueError) as exc:
-        raise IntegrityError(f"cannot read trust store {store_path}: {exc}") from exc
-    entry = _trust_entry(store, name, version)
-    if entry is None:
-        if required:
-            raise IntegrityError(
-                f"trust store {store_path} has no entry for model {name!r} version {version!r}; "
-                "re-run `secure-handler lock` over the model store"
-            )
-        return False
-    verify_sha256(serialized_path, str(entry.get("serialized_sha256", "")), store_path)
-    pinned_digests = entry.get("digests_sha256")
-    if pinned_digests and pinned_digests != digests_sha256:
-        raise IntegrityError(
-            f"embedded digest manifest of {name!r} does not match trust store {store_path}"
-        )
-    return True
 
 
 def load_torchscript(path: str | os.PathLike[str], device: torch.device) -> torch.jit.ScriptModule:

@@ -18,12 +18,15 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-import yaml
-
 from secure_handler.errors import UnsafeModelError
 from secure_handler.serving.loading import DIGESTS_MEMBER, check_torchscript_archive, sha256_file
 from secure_handler.supply.carriers import code_carrier
 from secure_handler.supply.findings import Finding, blocking, finding
+from secure_handler.supply.modelconfig import (
+    MAX_CONFIG_BYTES,
+    check_model_config,
+    read_model_config,
+)
 from secure_handler.supply.pickles import report_pickle, sniff_pickle
 from secure_handler.supply.policy import Policy
 from secure_handler.supply.scan import scan_tree
@@ -220,12 +223,13 @@ def _check_config(
         report.add("SH411", MANIFEST_MEMBER, f"configFile {config!r} is not a member")
         return set()
     try:
-        data = yaml.safe_load((root / config).read_text("utf-8"))
-    except (yaml.YAMLError, UnicodeDecodeError) as exc:
-        report.add("SH411", config, f"not valid YAML: {exc}")
+        with (root / config).open("rb") as fh:  # bounded: a config is a few hundred bytes
+            data = read_model_config(fh.read(MAX_CONFIG_BYTES + 1))
+    except ValueError as exc:
+        report.add("SH411", config, str(exc))
         return {config}
-    if data is not None and not isinstance(data, dict):
-        report.add("SH411", config, "model-config must be a YAML mapping")
+    for rule, message in check_model_config(data):  # launch settings, by allowlist
+        report.add(rule, config, message)
     return {config}
 
 

@@ -61,6 +61,7 @@ public class AuditOracle {
                         + (host.isLoopbackAddress() ? "loopback" : "public");
                 }
                 case "int": return String.valueOf(Integer.parseInt(a));
+                case "double": return String.valueOf(Double.valueOf(a));
                 case "url": return new URL(a).openConnection().getClass().getSimpleName();
                 default: return "unknown";
             }
@@ -79,6 +80,8 @@ public class AuditOracle {
 """
 
 ATTACKER = "http://attacker.example/m.mar"
+# token_expiration_min spellings Double.valueOf reads as "about forever".
+NO_EXPIRY = ["0x1p30", "Infinity", "NaN", " 1e9 ", "\t100000d", "+1E7"]
 # Addresses that bind plain HTTP beyond loopback, in the spellings Java accepts.
 PUBLIC_ADDRESSES = ["HTTP://0.0.0.0:8080", "Http://0.0.0.0:8080", "hTTp://10.1.2.3:8080",
                     "http://0:8080", "HTTP://0.0.0.0", "http://0.0.0.0:08080"]
@@ -144,6 +147,7 @@ def java(store: Path, tmp_path_factory: pytest.TempPathFactory) -> Mapping[tuple
     questions += [("validate", old_store_pattern, f"file://{store}/%2e%2e%2fevil.mar"),
                   ("url", "file://attacker.example/m.mar", ""), ("int", "١٠٠٠٠٠٠", ""),
                   ("int", "１２", "")]
+    questions += [("double", text, "") for text in NO_EXPIRY]
     source = tmp_path_factory.mktemp("oracle") / "AuditOracle.java"
     source.write_text(ORACLE)
     lines = "".join(f"{k}\t{_hex(a)}\t{_hex(b)}\n" for k, a, b in questions)
@@ -352,6 +356,15 @@ def test_unicode_digits_are_numbers_to_java(store: Path, tmp_path: Path,
     assert java["int", "١٠٠٠٠٠٠", ""] == "1000000"
     found = _audit(store, tmp_path, props={"job_queue_size": "١٠٠٠٠٠٠"})
     assert ("job_queue_size", "high") in found
+
+
+@needs_java
+@pytest.mark.parametrize("text", NO_EXPIRY)
+def test_token_expiry_as_java_reads_it(text: str, store: Path, tmp_path: Path,
+                                       java: Mapping[tuple[str, str, str], str]) -> None:
+    assert not float(java["double", text, ""]) <= 24 * 60  # Java: tokens live > a day
+    found = _audit(store, tmp_path, props={"token_expiration_min": text})
+    assert ("token_expiration_min", "medium") in found
 
 
 @pytest.mark.parametrize("key", ["enable_model_apis", "Inference_address", "vmarg",

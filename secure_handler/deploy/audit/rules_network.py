@@ -9,7 +9,9 @@ upstream and store are this server's.
 
 from __future__ import annotations
 
+import math
 import os
+import re
 import stat
 from collections.abc import Iterator
 from pathlib import Path
@@ -128,17 +130,28 @@ def token_auth(ctx: AuditContext) -> Iterator[ConfigFinding]:
                           "Drop --disable-token-auth / --dt.", cwe=["CWE-306"],
                           source="cmdline", value="")
     raw = ctx.get("token_expiration_min")
-    try:
-        minutes = float(raw) if raw is not None else 60.0
-    except ValueError:
+    minutes = 60.0 if raw is None else java_double(raw)
+    if minutes is None:
         yield ctx.finding("low", "token_expiration_min", f"`{raw}` is not a number; TorchServe "
                           "falls back to 60 minutes.", "Set a whole number of minutes.")
         return
-    if minutes > 24 * 60:
+    if not minutes <= 24 * 60:  # NaN and Infinity included
         yield ctx.finding("medium", "token_expiration_min", f"tokens live {minutes:g} minutes; "
                           "a leaked 8-character (48-bit) token stays valid that long.",
                           "Keep it at 60 or less and rotate via the /token API.",
                           cwe=["CWE-613"])
+
+
+def java_double(text: str) -> float | None:
+    """`Double.valueOf`: trims control characters and spaces, takes `1e3`, `5d`, `NaN`,
+    `Infinity` and hex floats (`0x1p30`) but no `_` or Unicode digits; None where it throws.
+    Values Python cannot read the same way (NaN, hex) come back as infinity: no expiry."""
+    text = text.strip("".join(chr(c) for c in range(0x21)))
+    if re.fullmatch(r"[+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?[fFdD]?", text):
+        return float(text.rstrip("fFdD"))
+    if re.fullmatch(r"[+-]?(?:NaN|Infinity|0[xX][0-9a-fA-F.]+[pP][+-]?[0-9]+)[fFdD]?", text):
+        return math.inf
+    return None
 
 
 def gateway_problems(ctx: AuditContext) -> list[str]:

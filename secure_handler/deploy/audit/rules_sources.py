@@ -73,10 +73,12 @@ def _judge(ctx: AuditContext, pattern: str, nfa: Nfa, state: str) -> Iterator[Co
                               f"admits {scheme} URLs to hosts that are not fixed names (e.g. "
                               f"{example}), so {use} from anywhere.", _fix(ctx), cwe=cwe, cve=cve)
             continue
-        remote = [h for h in hosts if h not in ("", "localhost")] or hosts
+        # The host is what follows the last `@` of the authority (java.net.URL).
+        remote = sorted({h.rpartition("@")[2] for h in hosts} - {"", "localhost"}) or hosts
         severity: Severity = "medium" if scheme == "https://" else "high"
         yield ctx.finding(severity, "allowed_urls", f"`{pattern}` lets the server download "
-                          f"archives over {transport} from {', '.join(remote)}; nothing checks "
+                          f"archives over {transport} from "
+                          f"{', '.join(h or '(no host)' for h in remote)}; nothing checks "
                           "them against a lock before their handler runs"
                           + ("" if severity == "medium" else ", and anyone on the path can "
                              "swap them") + ".", _fix(ctx), cwe=cwe, cve=cve)
