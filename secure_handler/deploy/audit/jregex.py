@@ -23,7 +23,7 @@ __all__ = ["ANY", "DIGIT", "CharSet", "JavaRegexError", "Nfa", "compile_java"]
 
 MAX_CODE = 0x10FFFF
 MAX_REPEAT = 64  # {n,m} bounds above this are refused: the NFA is built by copying
-MAX_STATES = 20_000  # bounds the audit's cost whatever the pattern
+MAX_STATES = 4096  # bounds the audit's cost whatever the pattern (the store pattern needs ~150)
 _LINE_TERMINATORS = "\n\r\u0085\u2028\u2029"  # what Java's `.` skips (no DOTALL)
 _SPECIAL_OUTSIDE = set("\\^$.|?*+()[]{}")
 
@@ -70,7 +70,17 @@ class CharSet:
         return CharSet(tuple(out))
 
     def __and__(self, other: CharSet) -> CharSet:
-        return (self.complement() | other.complement()).complement()
+        out, i, j = [], 0, 0
+        a, b = self.ranges, other.ranges
+        while i < len(a) and j < len(b):
+            lo, hi = max(a[i][0], b[j][0]), min(a[i][1], b[j][1])
+            if lo <= hi:
+                out.append((lo, hi))
+            if a[i][1] < b[j][1]:
+                i += 1
+            else:
+                j += 1
+        return CharSet(tuple(out))
 
     def __bool__(self) -> bool:
         return bool(self.ranges)
@@ -84,8 +94,13 @@ class CharSet:
 
     def case_insensitive(self) -> CharSet:
         """Java's `CASE_INSENSITIVE` without `UNICODE_CASE`: ASCII letters only."""
-        extra = [c.swapcase() for c in string.ascii_letters if c in self]
-        return self | CharSet.of(extra)
+        extra = []
+        for lo, hi in self.ranges:
+            for first, last, shift in ((0x41, 0x5A, 0x20), (0x61, 0x7A, -0x20)):
+                low, high = max(lo, first), min(hi, last)
+                if low <= high:
+                    extra.append((low + shift, high + shift))
+        return self | CharSet(tuple(extra))
 
     def sample(self) -> str:
         """One member, a readable one when there is any."""

@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 
 from secure_handler.deploy.audit.jregex import ANY, DIGIT, CharSet, Nfa
 
+NOT_DIGIT = DIGIT.complement()
+
 __all__ = ["Dfa", "authorities", "literal", "witness"]
 
 
@@ -45,6 +47,19 @@ class Dfa:
         return Dfa(_complete(moves), frozenset(range(len(prefix), n)) | {n + 2})
 
 
+def _dfa_live(dfa: Dfa) -> frozenset[int]:
+    """States from which an accepting state can still be reached."""
+    seen = set(dfa.accepting)
+    grew = True
+    while grew:
+        grew = False
+        for state, moves in enumerate(dfa.moves):
+            if state not in seen and any(n in seen for _, n in moves):
+                seen.add(state)
+                grew = True
+    return frozenset(seen)
+
+
 def _complete(moves: Sequence[Sequence[tuple[CharSet, int]]]
               ) -> tuple[tuple[tuple[CharSet, int], ...], ...]:
     return tuple(tuple((chars, n) for chars, n in state if chars) for state in moves)
@@ -60,6 +75,8 @@ def witness(nfa: Nfa, dfa: Dfa) -> str | None:
     start = (nfa.start, 0)
     parent: dict[tuple[int, int], tuple[tuple[int, int], str] | None] = {start: None}
     todo = deque([start])
+    hopeful, nfa_live = _dfa_live(dfa), nfa.live()  # prune pairs that can no longer accept
+    shared: dict[tuple[CharSet, CharSet], str | None] = {}
     while todo:
         pair = todo.popleft()
         q, d = pair
@@ -67,9 +84,15 @@ def witness(nfa: Nfa, dfa: Dfa) -> str | None:
             return _spell(parent, pair)
         nexts = [((n, d), "") for n in nfa.eps[q]]
         for chars, n in nfa.moves[q]:
-            nexts += [((n, dn), both.sample()) for dchars, dn in dfa.moves[d]
-                      if (both := chars & dchars)]
+            for dchars, dn in dfa.moves[d]:
+                if (chars, dchars) not in shared:
+                    both = chars & dchars
+                    shared[chars, dchars] = both.sample() if both else None
+                if (char := shared[chars, dchars]) is not None:
+                    nexts.append(((n, dn), char))
         for nxt, char in nexts:
+            if nxt[1] not in hopeful or nxt[0] not in nfa_live:
+                continue
             if nxt not in parent:
                 parent[nxt] = (pair, char)
                 todo.append(nxt)
@@ -103,6 +126,7 @@ def authorities(nfa: Nfa, scheme: str, limit: int = 16) -> list[str] | None:
     exits = frozenset(q for q in range(len(nfa.eps)) if q == nfa.accept or any(
         c & stops and n in live for c, n in nfa.moves[q]))
     walker = _AuthorityWalk(nfa, stops.complement(), exits, limit)
+    walker.prepare()
     return walker.run(start)
 
 
@@ -114,6 +138,28 @@ class _AuthorityWalk:
     limit: int
     budget: int = 20_000  # walk steps; a pattern that needs more is "any host"
     found: set[str] = field(default_factory=set)
+    usable: list[list[tuple[CharSet, int]]] = field(default_factory=list)
+    useful: frozenset[int] = frozenset()
+
+    def prepare(self) -> None:
+        """Per state, its moves restricted to authority characters that can still end the
+        authority; computed once, so the walk costs O(steps), not O(steps x states)."""
+        back: list[list[int]] = [[] for _ in self.nfa.eps]
+        self.usable = [[] for _ in self.nfa.eps]
+        for q, moves in enumerate(self.nfa.moves):
+            for chars, n in moves:
+                if part := chars & self.alphabet:
+                    self.usable[q].append((part, n))
+                    back[n].append(q)
+            for n in self.nfa.eps[q]:
+                back[n].append(q)
+        seen, todo = set(self.exits), list(self.exits)
+        while todo:
+            for prev in back[todo.pop()]:
+                if prev not in seen:
+                    seen.add(prev)
+                    todo.append(prev)
+        self.useful = frozenset(seen)
 
     def run(self, start: frozenset[int]) -> list[str] | None:
         if not self._walk(start, ""):
@@ -132,9 +178,8 @@ class _AuthorityWalk:
             self.found.add(prefix)
         by_char: dict[str, set[int]] = {}
         for q in current:
-            for chars, n in self.nfa.moves[q]:
-                usable = chars & self.alphabet
-                if not usable or not self._leads_out(n):
+            for usable, n in self.usable[q]:
+                if n not in self.useful:
                     continue
                 char = _single(usable)
                 if char is None:
@@ -152,29 +197,15 @@ class _AuthorityWalk:
                 if n not in seen:
                     seen.add(n)
                     todo.append(n)
-            for chars, n in self.nfa.moves[q]:
-                usable = chars & self.alphabet
-                if not usable or not self._leads_out(n):
+            for usable, n in self.usable[q]:
+                if n not in self.useful:
                     continue
-                if usable & DIGIT.complement():
+                if usable & NOT_DIGIT:
                     return False
                 if n not in seen:
                     seen.add(n)
                     todo.append(n)
         return True
-
-    def _leads_out(self, state: int) -> bool:
-        seen, todo = {state}, [state]
-        while todo:
-            q = todo.pop()
-            if q in self.exits:
-                return True
-            nexts = [*self.nfa.eps[q], *(n for c, n in self.nfa.moves[q] if c & self.alphabet)]
-            for n in nexts:
-                if n not in seen:
-                    seen.add(n)
-                    todo.append(n)
-        return False
 
 
 def _single(chars: CharSet) -> str | None:
