@@ -1,10 +1,10 @@
 """Zip container checks for MARs (and the TorchScript zip inside), then a bounded extraction.
 
-TorchServe's frontend unpacks a MAR with Java's `ZipInputStream`, which reads the LOCAL file
-headers front to back, while Python's `zipfile` (and most tools) read the CENTRAL directory.
-A crafted zip can show each reader different members. So besides names, links, duplicates,
-encryption and bomb limits, the local headers must tile the file exactly as the central
-directory says: same names, same sizes, no gaps, no hidden entries.
+Names, file types, duplicates, encryption, methods and bomb limits here. TorchServe's frontend
+unpacks a MAR with Java's `ZipInputStream` (LOCAL headers, front to back) while `zipfile` reads
+the CENTRAL directory; `localheaders.check_local_headers` (re-exported here) makes both views
+one, and `extract_checked` reads each member's bytes where both views put them, so what is
+inspected is what TorchServe writes.
 """
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ from __future__ import annotations
 import os
 import shutil
 import stat
-import struct
 import zipfile
+import zlib
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -21,21 +21,22 @@ from typing import BinaryIO
 
 from secure_handler.errors import ConfigurationError
 from secure_handler.supply.findings import Finding, finding
+from secure_handler.supply.localheaders import (
+    ZipViewError,
+    check_local_headers,
+    read_local_header,
+)
 
 __all__ = [
     "InflationError",
     "ZipLimits",
+    "ZipViewError",
     "check_entries",
     "check_local_headers",
     "copy_file_nofollow",
     "extract_checked",
 ]
 
-_LOCAL_SIG = b"PK\x03\x04"
-_LOCAL_FMT = "<4sHHHHHIIIHH"
-_LOCAL_SIZE = struct.calcsize(_LOCAL_FMT)
-_DESCRIPTOR_SIG = b"PK\x07\x08"
-_ZIP64_MARK = 0xFFFFFFFF
 _ALLOWED_METHODS = frozenset({zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED})
 _COPY_CHUNK = 1 << 20
 
@@ -126,99 +127,97 @@ def _check_one(
             )
 
 
-def check_local_headers(path: Path, zf: zipfile.ZipFile, where: str) -> list[Finding]:
-    """Show that the local headers tile the file exactly as the central directory says.
-
-    Java's ZipInputStream (TorchServe's extractor) walks local headers from offset 0, so any
-    gap, extra entry, or name/size difference is content that Python-side checks would miss.
-    """
-    infos = sorted(zf.infolist(), key=lambda i: i.header_offset)
-    expected = 0
-    start_dir = getattr(zf, "start_dir", None)
-    with path.open("rb") as fh:
-        for info in infos:
-            problem = _local_problem(fh, info, expected)
-            if problem:
-                return [finding("SH310", f"{where}!{info.filename}", problem)]
-            expected = _entry_end(fh, info)
-    if start_dir is not None and start_dir != expected:
-        return [
-            finding(
-                "SH310",
-                where,
-                f"{start_dir - expected} unlisted bytes before the central "
-                "directory; a streaming reader would see entries that zipfile does not",
-            )
-        ]
-    return []
-
-
-def _local_problem(fh: BinaryIO, info: zipfile.ZipInfo, expected: int) -> str | None:
-    if info.header_offset != expected:
-        return (
-            f"local header at offset {info.header_offset}, expected {expected}: "
-            "hidden bytes or entries between members"
-        )
-    fh.seek(info.header_offset)
-    raw = fh.read(_LOCAL_SIZE)
-    if len(raw) != _LOCAL_SIZE or raw[:4] != _LOCAL_SIG:
-        return "no local file header where the central directory points"
-    (_, _, flags, method, _, _, crc, csize, usize, name_len, _) = struct.unpack(_LOCAL_FMT, raw)
-    local_name = fh.read(name_len)
-    if local_name.decode("utf-8" if flags & 0x800 else "cp437", "replace") != info.filename:
-        return f"local header names {local_name!r}, central directory names {info.filename!r}"
-    if method != info.compress_type:
-        return "local header compression method differs from the central directory"
-    sizes_deferred = flags & 0x08 or _ZIP64_MARK in (csize, usize)
-    if not sizes_deferred and (csize, usize, crc) != (info.compress_size, info.file_size, info.CRC):
-        return "local header sizes/CRC differ from the central directory"
-    return None
-
-
-def _entry_end(fh: BinaryIO, info: zipfile.ZipInfo) -> int:
-    fh.seek(info.header_offset + 26)
-    name_len, extra_len = struct.unpack("<HH", fh.read(4))
-    end: int = info.header_offset + _LOCAL_SIZE + name_len + extra_len + info.compress_size
-    if info.flag_bits & 0x08:  # a data descriptor follows the data, with or without signature
-        fh.seek(end)
-        zip64 = info.file_size >= _ZIP64_MARK or info.compress_size >= _ZIP64_MARK
-        body = 20 if zip64 else 12
-        end += body + (4 if fh.read(4) == _DESCRIPTOR_SIG else 0)
-    return end
-
-
 def extract_checked(
     zf: zipfile.ZipFile, dest: Path, limits: ZipLimits, skip: Iterable[str] = ()
 ) -> list[str]:
     """Extract every regular member under `dest`; names must already have passed
-    `check_entries`. Stops a member that inflates past its declared size. Returns the files.
+    `check_entries` and the archive `check_local_headers`. Returns the files.
+
+    Each member's data is read from the file where both views put it (not through zipfile's
+    reader), so the bytes written are the bytes TorchServe's extractor writes. Raises
+    InflationError past the declared size or budget, ZipViewError when a deflate stream does
+    not end exactly at its compressed size or the size or CRC differ.
     """
+    if zf.filename is None:
+        raise ValueError("extract_checked needs a zip opened from a path")
     root = dest.resolve()
     skipped = set(skip)
     written: list[str] = []
     budget = limits.max_total_bytes
-    for info in zf.infolist():
-        if info.is_dir() or info.filename in skipped:
-            continue
-        target = (root / PurePosixPath(info.filename)).resolve()
-        if root not in target.parents:  # belt and braces after _name_problem
-            raise ValueError(f"{info.filename!r} would extract outside {root}")
-        target.parent.mkdir(parents=True, exist_ok=True)
-        budget -= _copy_bounded(zf, info, target, min(info.file_size, budget))
-        written.append(info.filename)
+    with open(zf.filename, "rb") as src:
+        for info in zf.infolist():
+            if info.is_dir() or info.filename in skipped:
+                continue
+            target = (root / PurePosixPath(info.filename)).resolve()
+            if root not in target.parents:  # belt and braces after _name_problem
+                raise ValueError(f"{info.filename!r} would extract outside {root}")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            budget -= _copy_bounded(src, info, target, min(info.file_size, budget))
+            written.append(info.filename)
     return written
 
 
-def _copy_bounded(zf: zipfile.ZipFile, info: zipfile.ZipInfo, target: Path, limit: int) -> int:
-    copied = 0
+def _copy_bounded(src: BinaryIO, info: zipfile.ZipInfo, target: Path, limit: int) -> int:
+    local = read_local_header(src, info.header_offset)
+    if local is None:  # check_local_headers showed it is there; the file changed since
+        raise ZipViewError(f"{info.filename!r}: no local header at {info.header_offset}")
+    src.seek(local.data_offset)
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
-    with zf.open(info) as src, os.fdopen(os.open(target, flags, 0o600), "wb") as dst:
-        while chunk := src.read(_COPY_CHUNK):
-            copied += len(chunk)
+    with os.fdopen(os.open(target, flags, 0o600), "wb") as dst:
+        if info.compress_type == zipfile.ZIP_STORED:
+            copied, crc = _copy_stored(src, dst, info.compress_size)
+        else:
+            copied, crc = _inflate(src, dst, info, limit)
+    if copied > limit:
+        raise InflationError(f"{info.filename!r} inflates past its declared size")
+    if copied != info.file_size or crc != info.CRC:
+        raise ZipViewError(
+            f"{info.filename!r}: {copied} bytes with CRC {crc:#010x}, the headers say "
+            f"{info.file_size} bytes with CRC {info.CRC:#010x}"
+        )
+    return copied
+
+
+def _copy_stored(src: BinaryIO, dst: BinaryIO, length: int) -> tuple[int, int]:
+    copied = crc = 0
+    while copied < length:
+        chunk = src.read(min(_COPY_CHUNK, length - copied))
+        if not chunk:
+            break
+        crc = zlib.crc32(chunk, crc)
+        dst.write(chunk)
+        copied += len(chunk)
+    return copied, crc
+
+
+def _inflate(src: BinaryIO, dst: BinaryIO, info: zipfile.ZipInfo, limit: int) -> tuple[int, int]:
+    """Inflate exactly `compress_size` bytes, as Java's extractor will: the deflate stream
+    must end exactly there (Java ends a member where the stream ends) and stay within
+    `limit` bytes of output.
+    """
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    left, copied, crc = info.compress_size, 0, 0
+    while left and not inflater.eof:
+        pending = src.read(min(_COPY_CHUNK, left))
+        if not pending:
+            break
+        left -= len(pending)
+        while pending and not inflater.eof:
+            out = inflater.decompress(pending, _COPY_CHUNK)
+            pending = inflater.unconsumed_tail
+            copied += len(out)
             if copied > limit:
                 raise InflationError(f"{info.filename!r} inflates past its declared size")
-            dst.write(chunk)
-    return copied
+            crc = zlib.crc32(out, crc)
+            dst.write(out)
+    if not inflater.eof or left or inflater.unused_data:
+        unread = left + len(inflater.unused_data)
+        where = f"{unread} bytes before" if inflater.eof else "after"
+        raise ZipViewError(
+            f"{info.filename!r}: its deflate stream ends {where} its compressed size; "
+            "a streaming reader (TorchServe's) would read on from another place"
+        )
+    return copied, crc
 
 
 def copy_file_nofollow(src: Path, dst: Path) -> None:

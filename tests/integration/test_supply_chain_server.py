@@ -130,12 +130,24 @@ def test_worker_with_a_wrong_pin_refuses_to_load(pinned: Pinned, tmp_path: Path)
     # Suppose the gate was skipped: the worker itself must refuse the swapped model.
     env = {TRUST_STORE_ENV: str(pinned.lock)}
     workdir = tmp_path / "work"
+    log = workdir / "logs" / "model_log.log"
     with running_server(workdir, store, [SPEC], env=env, wait=False) as server:
-        states = _worker_states(server, timeout=15)
+        # Wait for the worker's refusal itself (bounded), not a fixed time: on a loaded
+        # machine the first worker may take longer than any fixed window to start.
+        refused = _log_says(log, "secure_handler.errors.IntegrityError", timeout=180)
+        states = _worker_states(server, timeout=5)
         prediction = _prediction_status(server)
+    assert refused
     assert states, "the model was never registered"
     assert "READY" not in states
     assert prediction != 200  # the swapped model never answers
-    logs = (workdir / "logs" / "model_log.log").read_text(errors="replace")
-    assert "secure_handler.errors.IntegrityError" in logs
-    assert "does not match" in logs
+    assert "does not match" in log.read_text(errors="replace")
+
+
+def _log_says(log: Path, text: str, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if log.is_file() and text in log.read_text(errors="replace"):
+            return True
+        time.sleep(0.5)
+    return False

@@ -25,8 +25,8 @@ from secure_handler.serving.loading import (
     TRUST_STORE_ENV,
     sha256_file,
     verify_embedded_digests,
-    verify_trust_store,
 )
+from secure_handler.serving.pin import verify_trust_store
 from secure_handler.supply.findings import RULES
 from secure_handler.supply.templates import HANDLER_KINDS, write_handler
 from secure_handler.supply.verify import MANIFEST_MEMBER, verify_mar, verify_store
@@ -45,7 +45,7 @@ def inputs(tmp_path_factory: pytest.TempPathFactory) -> Inputs:
     labels = src / "index_to_name.json"
     labels.write_text(json.dumps(LABELS))
     config = src / "model-config.yaml"
-    config.write_text("minWorkers: 1\nmaxWorkers: 1\nhandler:\n  topk: 2\n")
+    config.write_text("minWorkers: 1\nmaxWorkers: 1\nhandler:\n  top_k: 2\n")
     return Inputs(build_tiny_classifier(src), labels, config)
 
 
@@ -153,7 +153,7 @@ def test_lock_pins_the_store_and_the_worker_accepts_it(
     monkeypatch.setenv(TRUST_STORE_ENV, str(lock))
     digests = verify_embedded_digests(model_dir)
     assert digests == entry["digests_sha256"]
-    assert verify_trust_store("tiny", "1.0", model_dir / "model.pt", digests, required=True)
+    assert verify_trust_store("tiny", model_dir / "model.pt", digests, True, model_dir)
 
     assert main(["verify", "--lock", str(lock), str(store)]) == 0
     assert main(["verify", "--lock", str(lock), str(store / "tiny.mar")]) == 0

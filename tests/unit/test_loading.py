@@ -21,8 +21,8 @@ from secure_handler.serving.loading import (
     load_torchscript,
     sha256_file,
     verify_embedded_digests,
-    verify_trust_store,
 )
+from secure_handler.serving.pin import verify_trust_store
 
 
 @pytest.fixture
@@ -108,18 +108,19 @@ def _store(tmp_path: Path, **entry: object) -> Path:
 def test_trust_store_pin(model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     good = _store(tmp_path, name="tiny", version="1.0", serialized_sha256=sha256_file(model))
     monkeypatch.setenv(TRUST_STORE_ENV, str(good))
-    assert verify_trust_store("tiny", "1.0", model, None, required=True)
+    assert verify_trust_store("tiny", model, None)
     bad = _store(tmp_path, name="tiny", version="1.0", serialized_sha256="1" * 64)
     monkeypatch.setenv(TRUST_STORE_ENV, str(bad))
-    with pytest.raises(IntegrityError, match="does not match"):
-        verify_trust_store("tiny", "1.0", model, None, required=False)
+    with pytest.raises(IntegrityError, match="does not match any of its 1 entries"):
+        verify_trust_store("tiny", model, None)
 
 
 def test_trust_store_required_but_missing(model: Path, monkeypatch: pytest.MonkeyPatch,
                                           tmp_path: Path) -> None:
     with pytest.raises(IntegrityError, match="not set"):
-        verify_trust_store("tiny", "1.0", model, None, required=True)
-    assert not verify_trust_store("tiny", "1.0", model, None, required=False)
+        verify_trust_store("tiny", model, None, required=True)
+    assert not verify_trust_store("tiny", model, None, required=False)
+    # With a store set, a missing entry refuses whatever the handler config says.
     monkeypatch.setenv(TRUST_STORE_ENV, str(_store(tmp_path, name="other", version="1.0")))
     with pytest.raises(IntegrityError, match="no entry for model 'tiny'"):
-        verify_trust_store("tiny", "1.0", model, None, required=True)
+        verify_trust_store("tiny", model, None, required=False)
