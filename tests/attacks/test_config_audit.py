@@ -11,6 +11,7 @@ inputs that should be safe, so a reader that drifts from Java fails here.
 
 from __future__ import annotations
 
+import random
 import shutil
 import subprocess
 from collections.abc import Mapping
@@ -125,6 +126,30 @@ SUBSET = [(r"a.b", s) for s in ("a\nb", "a\rb", "a\u2028b", "a\u0085b", "a\tb", 
 ]
 
 
+def _random_subset_cases(count: int = 400) -> list[tuple[str, str]]:
+    """Seeded random patterns of the accepted subset and inputs, for the differential test."""
+    rng = random.Random(20261130)
+    atoms = ["a", "b", "A", "-", "/", r"\.", ".", r"\d", r"\w", "[ab]", "[^a]", "[a-c]",
+             "[A-z]", "[-b]", r"[\]x]"]
+    alphabet = ["a", "b", "A", "B", "-", "/", ".", "1", "_", "x", "]", "\n", "\r", "\u2028",
+                "\u0085", "é"]
+
+    def pattern(depth: int) -> str:
+        pieces = []
+        for _ in range(rng.randint(1, 3)):
+            atom = f"({pattern(depth - 1)})" if depth and rng.random() < 0.3 else \
+                rng.choice(atoms)
+            pieces.append(atom + rng.choice(["", "", "*", "+", "?", "{1,2}", "{2}"]))
+        body = "".join(pieces)
+        return body + "|" + pattern(depth - 1) if depth and rng.random() < 0.2 else body
+
+    return [(pattern(2), "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 5))))
+            for _ in range(count)]
+
+
+RANDOM_SUBSET = _random_subset_cases()
+
+
 def _hex(text: str) -> str:
     return text.encode("utf-8").hex()
 
@@ -143,7 +168,7 @@ def java(store: Path, tmp_path_factory: pytest.TempPathFactory) -> Mapping[tuple
     old_store_pattern = f"file://{store}/[^/]+\\.mar"
     questions = [("address", a, "") for a in PUBLIC_ADDRESSES + OTHER_ADDRESSES]
     questions += [("validate", p, url) for p, url in ADMITTING]
-    questions += [("regex", p, s) for p, s in SUBSET]
+    questions += [("regex", p, s) for p, s in SUBSET + RANDOM_SUBSET]
     questions += [("validate", old_store_pattern, f"file://{store}/%2e%2e%2fevil.mar"),
                   ("url", "file://attacker.example/m.mar", ""), ("int", "١٠٠٠٠٠٠", ""),
                   ("int", "１２", "")]
@@ -308,6 +333,26 @@ def test_subset_reader_agrees_with_java(java: Mapping[tuple[str, str, str], str]
     for pattern, text in SUBSET:
         assert compile_java(pattern, ignore_case=True).matches(text) == \
             (java["regex", pattern, text] == "true"), (pattern, text)
+
+
+@needs_java
+def test_subset_reader_agrees_with_java_on_random_patterns(
+        java: Mapping[tuple[str, str, str], str]) -> None:
+    mismatches = [(p, s) for p, s in RANDOM_SUBSET
+                  if compile_java(p, ignore_case=True).matches(s)
+                  != (java["regex", p, s] == "true")]
+    assert mismatches == []
+    assert {java["regex", p, s] for p, s in RANDOM_SUBSET} == {"true", "false"}
+
+
+def test_patterns_beyond_the_cost_bound_are_refused(store: Path, tmp_path: Path) -> None:
+    hosts = "|".join(f"h{i}\\.example\\.com" for i in range(300))
+    with pytest.raises(JavaRegexError, match="states"):
+        compile_java(f"https://({hosts})/.*", ignore_case=True)
+    with pytest.raises(JavaRegexError, match="bounds"):
+        compile_java("a{65}")
+    found = _audit(store, tmp_path, props={"allowed_urls": f"https://({hosts})/.*"})
+    assert ("allowed_urls", "high") in found
 
 
 @pytest.mark.parametrize("pattern", JAVA_ONLY)
