@@ -8,6 +8,7 @@ import json
 import pickle
 import re
 import unicodedata
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -229,3 +230,50 @@ def test_make_tokenizer_picks_by_file_and_config(tmp_path: Path) -> None:
 def test_vocab_file_must_be_a_plain_name(name: str) -> None:
     with pytest.raises(ConfigurationError, match="vocab_file"):
         limits(vocab_file=name)
+
+
+class CountingPattern:
+    """A token pattern that counts how far tokenisation pulled matches and scanned text."""
+
+    groups = 0
+
+    def __init__(self, pattern: str) -> None:
+        self.inner = re.compile(pattern)
+        self.pulled = 0
+        self.findall_chars = 0
+
+    def findall(self, text: str) -> list[str]:
+        self.findall_chars += len(text)
+        return self.inner.findall(text)
+
+    def finditer(self, text: str) -> Iterator[re.Match[str]]:
+        for match in self.inner.finditer(text):
+            self.pulled += 1
+            yield match
+
+
+def test_tokenisation_stops_after_the_wanted_tokens() -> None:
+    pattern = CountingPattern(r"[a-z0-9']+")
+    tok = T.WordTokenizer(VOCAB, 1, 0, pattern)  # type: ignore[arg-type]
+    text = "good " * 100_000
+    assert ids(tok, text, 5) == [2] * 5
+    # Only the five wanted matches were produced; the other 99,995 words were never scanned.
+    assert (pattern.pulled, pattern.findall_chars) == (5, 0)
+    # A short text (at most 16 characters per wanted token) takes the one-call path.
+    assert ids(tok, "good movie", 5) == [2, 4]
+    assert pattern.findall_chars == len("good movie")
+
+
+@given(st.lists(st.text(alphabet="gomdvie' !,", max_size=40), min_size=1, max_size=8),
+       st.integers(1, 6))
+def test_batch_tokenisation_equals_one_text_at_a_time(texts: list[str], limit: int) -> None:
+    tok = T.WordTokenizer(VOCAB, 1, 0, re.compile(r"[a-z0-9']+"))
+    flat, lengths = tok.encode_batch(texts, limit)
+    rows, start = [], 0
+    for n in lengths.tolist():
+        rows.append(flat[start:start + n].tolist())
+        start += n
+    assert rows == [ids(tok, t, limit) for t in texts]
+    expected = [[VOCAB.get(w, 1) for w in re.findall(r"[a-z0-9']+", t)][:limit] or [1]
+                for t in texts]
+    assert rows == expected
