@@ -234,6 +234,14 @@ def test_world_writable_store_is_flagged(store: Path, tmp_path: Path) -> None:
     assert ("model_store", "medium") in found
 
 
+def test_world_writable_workflow_store_is_flagged(store: Path, tmp_path: Path) -> None:
+    workflows = tmp_path / "workflows"
+    workflows.mkdir()
+    workflows.chmod(0o777)
+    found = _audit_row(Row("wf", [], set={"workflow_store": str(workflows)}), store, tmp_path)
+    assert ("workflow_store", "medium") in found
+
+
 def test_writable_plugins_directory_is_high(store: Path, tmp_path: Path) -> None:
     plugins = tmp_path / "plugins"
     plugins.mkdir()

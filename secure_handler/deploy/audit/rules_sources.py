@@ -195,12 +195,17 @@ def writable_by_others(path: Path) -> bool:
 
 
 def model_store(ctx: AuditContext) -> Iterator[ConfigFinding]:
-    if ctx.model_store is not None and writable_by_others(ctx.model_store):
-        yield ctx.finding("medium", "model_store", f"{ctx.model_store} is writable by other "
-                          "users: anyone there can drop or swap an archive.", "chmod go-w the "
-                          "store; verify it against a lock before every start "
-                          "(`secure-handler serve`).", cwe=["CWE-732", "CWE-494"],
-                          value=str(ctx.model_store))
+    # The workflow store holds archives the (ungated) workflow API registers by name.
+    workflow = ctx.get("workflow_store") or getattr(ctx.cmdline, "workflow_store", None)
+    stores = [("model_store", ctx.model_store), ("workflow_store", Path(workflow) if workflow
+                                                 else None)]
+    for key, store in stores:
+        if store is not None and writable_by_others(store):
+            yield ctx.finding("medium", key, f"{store} is writable by other users: anyone "
+                              "there can drop or swap an archive.", "chmod go-w the store; "
+                              "verify it against a lock before every start "
+                              "(`secure-handler serve`).", cwe=["CWE-732", "CWE-494"],
+                              value=str(store))
 
 
 RULES = (allowed_urls, env_urls, load_models, model_snapshot, models_json, py_deps, model_store)
