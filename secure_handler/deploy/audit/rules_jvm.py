@@ -129,7 +129,7 @@ def _others_write(path: Path, *, sticky_protects: bool) -> bool:
 
 
 def plugins(ctx: AuditContext) -> Iterator[ConfigFinding]:
-    paths = [*ctx.launcher_values("plugins_path")]
+    paths = [p for p in ctx.launcher_values("plugins_path") if p]  # the launcher skips ""
     if getattr(ctx.cmdline, "plugins_path", None):
         paths.append(ctx.cmdline.plugins_path)  # type: ignore[union-attr]
     for path in paths:
