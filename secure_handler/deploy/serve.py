@@ -161,7 +161,7 @@ def _generate_config(args: argparse.Namespace, workdir: Path, lock: Path) -> Pat
 
 
 def _server_env(lock: Path) -> dict[str, str]:
-    # The workers verify each model against the same lock (`loading.verify_trust_store`).
+    # The workers verify each model against the same lock (`serving.pin.verify_trust_store`).
     return {TRUST_STORE_ENV: str(lock.resolve())}
 
 

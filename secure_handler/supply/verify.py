@@ -14,7 +14,7 @@ unpickles, and TorchServe keeps no digest of either. `verify_mar` checks, in thi
    operator's policy granted: they must be the same).
 
 The lock file pins each archive outside the archive; the worker reads the same file through
-`$SECURE_HANDLER_TRUST_STORE` (`loading.verify_trust_store`).
+`$SECURE_HANDLER_TRUST_STORE` (`serving.pin.verify_trust_store`).
 """
 
 from __future__ import annotations
