@@ -44,6 +44,7 @@ _RULE_ROWS = [
     ("SH211", "private-attribute", "CWE-470", "_private, __special__, frame/code internals"),
     ("SH212", "unsafe-attribute", "CWE-749", "a method that writes files or loads code"),
     ("SH213", "computed-attribute", "CWE-470", "getattr/setattr without a literal name"),
+    ("SH214", "base-not-allowed", "CWE-95", "an unnamed base class, or a pydantic model's"),
     ("SH101", "process-execution", "CWE-78", "lint: subprocess, pty or os process/exec/system"),
     ("SH102", "deserialization-module", "CWE-502", "lint: pickle, marshal, shelve, dill..."),
     ("SH103", "native-code", "CWE-94", "lint: ctypes/cffi load and call native code"),

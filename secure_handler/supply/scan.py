@@ -31,7 +31,13 @@ from pathlib import Path, PurePosixPath
 
 from secure_handler.supply.findings import Finding, finding
 from secure_handler.supply.policy import WAIVABLE_RULES, Policy, apply_policy, line_sha256
-from secure_handler.supply.scan_judge import FIX, ScanContext, judge_module, module_name
+from secure_handler.supply.scan_judge import (
+    FIX,
+    ScanContext,
+    class_names,
+    judge_module,
+    module_name,
+)
 
 __all__ = [
     "ScanContext",
@@ -159,7 +165,9 @@ def scan_tree(files: Mapping[str, bytes], prefix: str = "", policy: Policy | Non
             refused.append(problem)
         elif tree is not None:
             trees[member] = (tree, _LINES.split(data.removeprefix(_BOM).decode("utf-8")))
-    context = ScanContext(_local_modules(files, {m: t for m, (t, _) in trees.items()}))
+    parsed = {m: t for m, (t, _) in trees.items()}
+    classes = {module_name(m): class_names(t) for m, t in parsed.items()}
+    context = ScanContext(_local_modules(files, parsed), classes)
     hits: list[tuple[Finding, str, str]] = []
     for member, (tree, lines) in trees.items():
         hits.extend(_hits(tree, member, f"{prefix}{member}", context, lines))

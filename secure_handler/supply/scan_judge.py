@@ -15,7 +15,7 @@ from pathlib import PurePosixPath
 
 from secure_handler.supply import scan_rules as R
 
-__all__ = ["FIX", "Hit", "ScanContext", "judge_module", "module_name"]
+__all__ = ["FIX", "Hit", "ScanContext", "class_names", "judge_module", "module_name"]
 
 #: Every builtin not on the allowlist (`__name__` etc. are the module's own, not builtins').
 _FORBIDDEN_BUILTINS = (
@@ -37,6 +37,7 @@ FIX = {
     "SH211": "use public names (attributes and methods without a leading underscore)",
     "SH212": "do it outside the worker, or in a reviewed package installed in the image",
     "SH213": "write the attribute name literally (`obj.name`)",
+    "SH214": "subclass an imported class or a class defined here, by its name",
 }
 
 #: (rule, node, message): one thing the judge refused.
@@ -48,6 +49,8 @@ class ScanContext:
     """What the other files of the archive provide: module name → names it defines."""
 
     local: Mapping[str, frozenset[str]] = field(default_factory=dict)
+    #: Module name → the names it binds only with `class` (what may be subclassed).
+    classes: Mapping[str, frozenset[str]] = field(default_factory=dict)
 
 
 def module_name(member: str) -> str:
@@ -74,6 +77,7 @@ class _Judge:
         self.hits: list[tuple[str, ast.AST, str]] = []
         self.parents: dict[int, ast.AST] = {}
         self.bound: dict[str, _Bound] = {}
+        self.classes = class_names(tree)
 
     def hit(self, rule: str, node: ast.AST, message: str) -> None:
         self.hits.append((rule, node, f"{message}; fix: {FIX[rule]}"))
@@ -105,6 +109,8 @@ class _Judge:
             self._name(node, node.arg, load=False)
         elif isinstance(node, (ast.FunctionDef, ast.ClassDef)):
             self._definition(node)
+            if isinstance(node, ast.ClassDef):
+                self._bases(node)
         elif isinstance(node, ast.ExceptHandler) and node.name:
             self._name(node, node.name, load=False)
 
@@ -230,6 +236,36 @@ class _Judge:
             self.hit("SH211", node, f"defines the private method `{name}` (it can override "
                      "the library's own)")  # fmt: skip
 
+    def _bases(self, node: ast.ClassDef) -> None:
+        metaclass = [k.value for k in node.keywords if k.arg == "metaclass"]
+        for base in [*node.bases, *metaclass]:
+            if why := self._base_problem(base):
+                self.hit("SH214", base, f"class {node.name}: {why}")
+
+    def _base_problem(self, base: ast.expr) -> str | None:
+        """Why a base class is not allowed: it must be NAMED (an imported class, a builtin, or
+        a class this file defines only with `class`), and never a pydantic model, whose
+        subclasses have their annotations evaluated as code (strings included)."""
+        if isinstance(base, ast.Attribute) and (module := self._module_of(base.value)):
+            return self._imported_base(f"{module.target}.{base.attr}")
+        if not isinstance(base, ast.Name):
+            return "a base class must be named directly (an imported class or one defined here)"
+        bound = self.bound.get(base.id)
+        if bound is not None:
+            return self._imported_base(bound.target) if bound.kind == "value" else "not a class"
+        if base.id in R.ALLOWED_BUILTINS or base.id in self.classes:
+            return None
+        return f"`{base.id}` is neither an imported class nor one defined only by `class` here"
+
+    def _imported_base(self, target: str) -> str | None:
+        module, _, name = target.rpartition(".")
+        if self._module_kind(module) == "local":
+            local = self.context.classes.get(module, frozenset())
+            return None if name in local else f"{target} is not a class defined by `class`"
+        if R.evaluates_annotations(target):
+            return f"{target} is a pydantic model: subclassing it evaluates annotations as code"
+        return None
+
     # --- attributes --------------------------------------------------------------------------
 
     def _call(self, node: ast.Call) -> None:
@@ -302,3 +338,23 @@ def judge_module(
     judge = _Judge(tree, member, context)
     judge.run()
     return judge.hits, judge.parents
+
+
+def class_names(tree: ast.Module) -> frozenset[str]:
+    """Names bound only by `class` statements anywhere in the module (never reassigned)."""
+    classes: set[str] = set()
+    other: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ClassDef):
+            classes.add(node.name)
+        elif isinstance(node, ast.FunctionDef):
+            other.add(node.name)
+        elif isinstance(node, ast.Name) and not isinstance(node.ctx, ast.Load):
+            other.add(node.id)
+        elif isinstance(node, ast.arg):
+            other.add(node.arg)
+        elif isinstance(node, ast.alias):
+            other.add(node.asname or node.name.split(".")[0])
+        elif isinstance(node, ast.ExceptHandler) and node.name:
+            other.add(node.name)
+    return frozenset(classes - other)

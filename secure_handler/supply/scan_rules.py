@@ -32,6 +32,7 @@ __all__ = [
     "MODULES",
     "ModuleSpec",
     "allowed_module_names",
+    "evaluates_annotations",
     "is_dunder",
     "refused_value_attributes",
     "torch_name_allowed",
@@ -82,9 +83,8 @@ _NUMPY_NAMES = _names("""
 """)
 _TYPING_NAMES = _names("""
     Any Optional Union List Dict Tuple Set FrozenSet Sequence Mapping MutableMapping Iterable
-    Iterator Callable TypeVar Generic Protocol NamedTuple TypedDict Literal Final ClassVar
-    cast TYPE_CHECKING overload Annotated
-""")
+    Iterator Callable Literal Final ClassVar cast TYPE_CHECKING overload Annotated
+""")  # not TypeVar, NamedTuple, TypedDict, get_type_hints: they carry or evaluate strings
 _OPERATOR_NAMES = _names("""
     itemgetter add sub mul truediv floordiv mod neg pos abs eq ne lt le gt ge and_ or_ xor
     not_ truth contains getitem index
@@ -110,7 +110,7 @@ MODULES: dict[str, ModuleSpec] = {
     "enum": ModuleSpec(_names("Enum IntEnum StrEnum Flag IntFlag auto unique")),
     "functools": ModuleSpec(_names(
         "lru_cache cache cached_property partial partialmethod reduce wraps total_ordering "
-        "cmp_to_key singledispatch singledispatchmethod")),
+        "cmp_to_key")),  # not singledispatch: `register` evaluates annotation strings
     "hashlib": ModuleSpec(_names("sha256 sha512 sha1 md5 blake2b blake2s")),
     "heapq": ModuleSpec(all_public=True),
     "itertools": ModuleSpec(all_public=True),
@@ -182,6 +182,21 @@ def allowed_module_names() -> dict[str, ModuleSpec]:
             )
             specs[name] = ModuleSpec(names, spec.submodules)
     return specs
+
+
+@functools.lru_cache(maxsize=256)
+def evaluates_annotations(qualified: str) -> bool:
+    """True for an allowed class whose subclasses have their annotations EVALUATED (pydantic
+    models: a string annotation, or a string inside `list["..."]`, runs as code)."""
+    import importlib
+
+    from pydantic import BaseModel
+
+    module, _, name = qualified.rpartition(".")
+    if module not in allowed_module_names():
+        return False
+    value = getattr(importlib.import_module(module), name, None)
+    return isinstance(value, type) and issubclass(value, BaseModel)
 
 
 # --- builtins ----------------------------------------------------------------------------

@@ -170,6 +170,14 @@ CASES: dict[str, tuple[str | bytes, set[tuple[str, int]]]] = {
     "getattr-literal-forbidden": ("import torch\ngetattr(torch, 'save')\n", {("SH111", 2)}),
     "getattr-literal-dunder": ("def f(x):\n    return getattr(x, '__globals__')\n",
                                {("SH211", 2)}),
+    # SH214: class creation that evaluates strings as code (pydantic models), unnamed bases
+    "pydantic-subclass": ("from secure_handler import ImageLimits\n\n\nclass L(ImageLimits):\n"
+                          "    x: 'int' = 1\n", {("SH214", 4)}),
+    "computed-base": ("class H:\n    def f(self):\n        class L(self.limits_model):\n"
+                      "            pass\n", {("SH214", 3)}),
+    "rebound-base": ("B = int\nB = object\n\n\nclass X(B):\n    pass\n", {("SH214", 5)}),
+    "singledispatch": ("from functools import singledispatch\n", {("SH111", 1)}),
+    "typevar-bound-string": ("from typing import TypeVar\n", {("SH111", 1)}),
     # an archive waiving its own finding: comments are never read
     "self-waiver": ("eval('1')  # secure-handler: allow[SH210] reviewed\n", {("SH210", 1)}),
 }  # fmt: skip
@@ -184,7 +192,7 @@ def test_hostile_handler_code_is_refused(case: str) -> None:
 
 def test_every_scan_rule_has_a_case() -> None:
     scan_rules = {r for r in RULES if r.startswith(("SH00", "SH11", "SH21"))}
-    assert len(scan_rules) == 12  # SH001-003, SH110-114, SH210-213; SH10x/SH20x: the lint
+    assert len(scan_rules) == 13  # SH001-003, SH110-114, SH210-214; SH10x/SH20x: the lint
     covered = {rule for _, expected in CASES.values() for rule, _ in expected}
     assert scan_rules <= covered, sorted(scan_rules - covered)
 
@@ -200,6 +208,21 @@ def test_encoding_cookie_case_really_runs_its_hidden_line(tmp_path: Path) -> Non
     subprocess.run([sys.executable, str(script)], check=True, timeout=60)
     assert marker.exists()  # Python executed the hidden statement
     assert refused(payload) == {("SH002", 1)}
+
+
+def test_pydantic_subclass_case_really_evaluates_a_string(tmp_path: Path) -> None:
+    """SH214 is not hypothetical: pydantic evaluates a subclass's string annotation, so a
+    class body that names only allowed things runs code given as text."""
+    marker = tmp_path / "ran"
+    source = (
+        "from secure_handler import ImageLimits\n\n\nclass L(ImageLimits):\n"
+        f"    x: \"[open({str(marker)!r}, 'w'), int][1]\" = 1\n"
+    )
+    script = tmp_path / "h.py"
+    script.write_text(source)
+    subprocess.run([sys.executable, str(script)], check=True, timeout=120, capture_output=True)
+    assert marker.exists()
+    assert refused(source) == {("SH214", 4)}
 
 
 # --- no false refusals ------------------------------------------------------------------------
