@@ -38,7 +38,8 @@ __all__ = [
     "ERROR_TABLE", "AuditUnavailable", "HeaderFieldsTooLarge", "TooManyConnections",
     "UpstreamTokenRefused", "AnimatedImage", "BatchError", "BatchLimitExceeded", "ClientError",
     "ConfigurationError", "ConnectionFailed", "ConnectionLost", "EmptyBody", "ErrorSpec",
-    "Forbidden", "ForbiddenModelSource", "ImageTooLarge", "InferenceFailed", "IntegrityError",
+    "Forbidden", "ForbiddenModelSource", "FormEncodedBody", "ImageTooComplex",
+    "ImageTooLarge", "InferenceFailed", "IntegrityError",
     "InvalidBase64", "InvalidContent", "InvalidImage", "InvalidText", "MalformedRequest",
     "MethodNotAllowed", "ModelNotFound", "NotFound", "OutOfMemory", "PayloadTooLarge",
     "RateLimited", "RateLimiterUnavailable", "RequestError", "RequestTimedOut",
@@ -102,6 +103,12 @@ class EmptyBody(RequestError):
     """The request carried no payload."""
 
     code = "empty_body"
+
+
+class FormEncodedBody(MalformedRequest):
+    """The body arrived as form fields (curl's default urlencoded type): nothing to read."""
+
+    code = "form_encoded_body"
 
 
 class Unauthorized(RequestError):
@@ -205,6 +212,13 @@ class ImageTooLarge(InvalidContent):
     """Width, height, pixel count or aspect ratio is over the limit (read from the header)."""
 
     code = "image_too_large"
+
+
+class ImageTooComplex(InvalidContent):
+    """A structural cap (JPEG scans/markers/fill, PNG chunks, EXIF size/IFDs) or the decode
+    memory estimated from the header is over its limit: decoding would exceed the budget."""
+
+    code = "image_too_complex"
 
 
 class AnimatedImage(InvalidContent):

@@ -101,6 +101,22 @@ class ImageLimits(BaseLimits):
     # Rows of a batch decode in parallel (Pillow and torch release the GIL): measured 1.4x
     # end to end on 2 cores with the tiny model; 0 decodes on the worker's thread.
     decode_threads: int = Field(2, ge=0, le=64)
+    # Structural caps, checked before Pillow reads the file (README "Cost budget"): each
+    # bounds work that grows with a count rather than with pixels. Over one: 422
+    # image_too_complex. The defaults are well above what cameras and encoders write.
+    max_jpeg_scans: int = Field(32, gt=0, le=1000)  # progressive JPEGs use about 10
+    max_jpeg_markers: int = Field(256, gt=0, le=100_000)
+    max_jpeg_metadata_segments: int = Field(64, gt=0, le=10_000)  # APPn and COM
+    max_jpeg_fill_bytes: int = Field(1024, ge=0, le=10 * MiB)
+    max_png_chunks: int = Field(4096, gt=0, le=1_000_000)  # libpng writes 8 KiB IDATs
+    max_png_ancillary_chunks: int = Field(32, ge=0, le=100_000)
+    max_png_ancillary_bytes: int = Field(2 * MiB, ge=0, le=1024 * MiB)
+    max_exif_bytes: int = Field(64 * 1024, ge=0, le=16 * MiB)  # one JPEG APP1 segment
+    max_exif_ifds: int = Field(8, gt=0, le=1000)
+    max_exif_entries: int = Field(1024, gt=0, le=100_000)
+    # Peak memory of one image's full-size decode and RGB conversion, estimated from its
+    # header before decoding (decode.estimate).
+    max_decode_memory: int = Field(176 * MiB, gt=0, le=64 * 1024 * MiB)
 
     @field_validator("allowed_formats", mode="before")
     @classmethod

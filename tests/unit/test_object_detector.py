@@ -13,6 +13,7 @@ from support import build_tiny_classifier, image_bytes
 from support_models import build_detector, iou, scene, write_detector_labels
 
 from secure_handler import ConfigurationError, SecureImageClassifier, SecureObjectDetector
+from secure_handler.errors import InferenceFailed
 from secure_handler.serving.image.detector import detect_contract, split_detections
 from secure_handler.testing import Request, make_context, run_batch
 
@@ -243,14 +244,25 @@ def test_split_detections_accepts_every_documented_shape() -> None:
 
 @pytest.mark.parametrize("out", [
     torch.zeros(2, 4),
-    [{"boxes": torch.zeros(1, 4), "scores": torch.zeros(1)}] * 2,
     (torch.zeros(3, 1, 4), torch.zeros(3, 1), torch.zeros(3, 1)),
     [{"boxes": torch.zeros(1, 4), "scores": torch.zeros(1), "labels": torch.zeros(1)}],
     ("a", "b", "c"),
 ])
 def test_split_detections_refuses_other_shapes(out: object) -> None:
+    """Outputs that cannot be split into the batch's images fail the whole batch."""
     with pytest.raises(TypeError):
         split_detections(out, 2)
+
+
+def test_split_detections_fails_only_the_malformed_image() -> None:
+    """A dict without labels fails its own image; the other image is split as usual."""
+    b, s, lab = _triple(1)
+    parts = split_detections([{"boxes": b, "scores": s}, {"boxes": b, "scores": s,
+                                                         "labels": lab}], 2)
+    assert isinstance(parts[0], InferenceFailed)
+    assert "labels" in parts[0].message
+    assert isinstance(parts[1], tuple)
+    assert parts[1][2] is lab
 
 
 def test_non_finite_and_negative_label_detections_are_dropped(tmp_path: Path) -> None:

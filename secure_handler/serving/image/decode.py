@@ -1,65 +1,38 @@
-"""Image bytes → checked, decoded RGB pixels, with every limit applied before decoding.
+"""Image bytes → checked, upright RGB pixels: the one decode path of every image handler.
 
-Order matters for safety: magic bytes first (Pillow never sees a format we did not allow),
-then the header's width, height, pixel count and aspect ratio read by our own small parsers
-(so a decompression bomb is refused without allocating, and Pillow's process-global
-`MAX_IMAGE_PIXELS` stays a backstop we never change), then `Image.open(formats=[...])`,
-frame count, and only then decoding, at reduced scale for big JPEGs.
+Order matters for safety and cost:
+
+1. header.py walks the structure within the caps (markers, scans, chunks, fill, EXIF size)
+   and checks the declared size, before Pillow reads anything;
+2. `Image.open(formats=[fmt])` reads the header again (now bounded); size and frames;
+3. exif.py reads the orientation from the bounded EXIF blob (never Pillow's `getexif`);
+4. the decode memory, estimated from the header at full size (pixels × bytes per pixel,
+   or the PNG sample stream: width × height × channels × bytes per sample, ×5/4 when
+   interlaced, whichever is larger; libjpeg's coefficient buffer when scans are buffered;
+   the buffers RGB conversion needs), is checked against `max_decode_memory`;
+5. only then are pixels decoded (at reduced DCT scale for big JPEGs), converted to RGB,
+   shrunk by an integer factor when still twice the size needed or more, turned upright.
+
+Every decoder failure is `invalid_image` here, at this one boundary; nothing is swallowed.
 """
 
 from __future__ import annotations
 
 import io
+import math
 import re
 import struct
+from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image
 
-from secure_handler.errors import AnimatedImage, ImageTooLarge, InvalidImage, UnsupportedMediaType
+from secure_handler.errors import AnimatedImage, ImageTooComplex, ImageTooLarge, InvalidImage
 from secure_handler.limits import ImageLimits
+from secure_handler.serving.image import exif
+from secure_handler.serving.image.header import Header, ImageSize, check_size, read_header
 
-__all__ = [
-    "ImageSize",
-    "check_declared_type",
-    "check_format",
-    "header_size",
-    "load",
-    "open_image",
-    "sniff_format",
-    "to_rgb",
-]
-
-ImageSize = tuple[int, int]
-
-_MAGIC: tuple[tuple[bytes, str], ...] = (
-    (b"\x89PNG\r\n\x1a\n", "PNG"),
-    (b"\xff\xd8\xff", "JPEG"),
-    (b"GIF87a", "GIF"),
-    (b"GIF89a", "GIF"),
-    (b"BM", "BMP"),
-    (b"II*\x00", "TIFF"),
-    (b"MM\x00*", "TIFF"),
-    # Recognised only to name them in the refusal; never decoded.
-    (b"8BPS", "PSD"),
-    (b"%!PS", "EPS"),
-    (b"\xc5\xd0\xd3\xc6", "EPS"),
-    (b"\x00\x00\x01\x00", "ICO"),
-    (b"PK\x03\x04", "ZIP"),
-    (b"%PDF", "PDF"),
-    (b"<?xml", "SVG"),
-    (b"<svg", "SVG"),
-)
-
-# Content types that name an image format; a declared type outside the allowlist is a 415.
-_DECLARED = {
-    "image/png": "PNG", "image/apng": "PNG", "image/jpeg": "JPEG", "image/jpg": "JPEG",
-    "image/pjpeg": "JPEG", "image/gif": "GIF", "image/webp": "WEBP", "image/bmp": "BMP",
-    "image/x-ms-bmp": "BMP", "image/tiff": "TIFF", "image/x-icon": "ICO",
-    "image/vnd.microsoft.icon": "ICO", "image/vnd.adobe.photoshop": "PSD",
-    "application/postscript": "EPS", "image/svg+xml": "SVG", "image/heic": "HEIC",
-    "image/avif": "AVIF",
-}
+__all__ = ["DECODE_ERRORS", "Opened", "decode", "open_image", "reason", "to_rgb"]
 
 # Everything Pillow may raise on hostile bytes; mapped to InvalidImage at this one boundary.
 # `Warning` too: Pillow warns before failing on some files ("Invalid APNG"), and a worker run
@@ -75,123 +48,55 @@ def reason(exc: BaseException) -> str:
     return (text or type(exc).__name__)[:200]
 
 
-def sniff_format(data: bytes | bytearray | memoryview) -> str | None:
-    """The format named by the magic bytes, or None."""
-    head = bytes(data[:16])
-    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
-        return "WEBP"
-    for magic, fmt in _MAGIC:
-        if head.startswith(magic):
-            return fmt
-    return None
+@dataclass(slots=True)
+class Opened:
+    """An image whose header passed every check; pixels not decoded yet."""
+
+    image: Image.Image
+    header: Header
+    orientation: int  # EXIF 1..8
+
+    @property
+    def format(self) -> str:
+        return self.header.format
+
+    @property
+    def size(self) -> ImageSize:
+        """Width and height as shown, after the EXIF orientation."""
+        width, height = self.image.size
+        return (height, width) if self.orientation in exif.TRANSPOSED else (width, height)
+
+    def stored(self, size: ImageSize) -> ImageSize:
+        """A shown size in stored (pre-rotation) pixels, as the decoder scales them."""
+        return (size[1], size[0]) if self.orientation in exif.TRANSPOSED else size
 
 
-def check_declared_type(content_type: str, allowed: tuple[str, ...]) -> None:
-    """Refuse a declared image type outside the allowlist (415)."""
-    fmt = _DECLARED.get(content_type)
-    if content_type.startswith("image/") and fmt not in allowed:
-        raise UnsupportedMediaType(
-            f"content type {content_type!r} is not allowed; allowed formats: {', '.join(allowed)}"
-        )
-
-
-def check_format(data: bytes | bytearray, allowed: tuple[str, ...]) -> str:
-    """The allowed format named by the magic bytes, or UnsupportedMediaType."""
-    fmt = sniff_format(data)
-    if fmt is None or fmt not in allowed:
-        found = fmt or "unrecognised bytes"
-        raise UnsupportedMediaType(
-            f"image format {found} is not allowed; allowed formats: {', '.join(allowed)}"
-        )
-    return fmt
-
-
-# --- header parsers: dimensions without decoding -------------------------------------------
-
-_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
-
-
-def _jpeg_size(data: bytes | bytearray) -> ImageSize | None:
-    pos, end = 2, len(data)
-    while pos + 4 <= end:
-        if data[pos] != 0xFF:
-            return None
-        marker = data[pos + 1]
-        if marker == 0xFF:  # fill byte
-            pos += 1
-            continue
-        if marker in (0xD8, 0x01) or 0xD0 <= marker <= 0xD7:  # no length field
-            pos += 2
-            continue
-        (length,) = struct.unpack_from(">H", data, pos + 2)
-        if marker in _SOF and pos + 9 <= end:
-            height, width = struct.unpack_from(">HH", data, pos + 5)
-            return width, height
-        if marker == 0xDA or length < 2:  # start of scan before any SOF: broken
-            return None
-        pos += 2 + length
-    return None
-
-
-def _simple_size(fmt: str, data: bytes | bytearray) -> ImageSize | None:
-    if fmt == "PNG" and len(data) >= 24 and data[12:16] == b"IHDR":
-        width, height = struct.unpack_from(">II", data, 16)
-        return width, height
-    if fmt == "GIF" and len(data) >= 10:
-        width, height = struct.unpack_from("<HH", data, 6)
-        return width, height
-    if fmt == "BMP" and len(data) >= 26:
-        width, height = struct.unpack_from("<ii", data, 18)
-        return abs(width), abs(height)
-    return None
-
-
-def _webp_size(data: bytes | bytearray) -> ImageSize | None:
-    chunk = bytes(data[12:16])
-    if chunk == b"VP8X" and len(data) >= 30:
-        width = int.from_bytes(data[24:27], "little") + 1
-        return width, int.from_bytes(data[27:30], "little") + 1
-    if chunk == b"VP8 " and len(data) >= 30 and data[23:26] == b"\x9d\x01\x2a":
-        width, height = struct.unpack_from("<HH", data, 26)
-        return width & 0x3FFF, height & 0x3FFF
-    if chunk == b"VP8L" and len(data) >= 25 and data[20] == 0x2F:
-        bits = int.from_bytes(data[21:25], "little")
-        return (bits & 0x3FFF) + 1, ((bits >> 14) & 0x3FFF) + 1
-    return None
-
-
-def header_size(fmt: str, data: bytes | bytearray) -> ImageSize | None:
-    """Width and height from the header, for the formats we parse ourselves; else None."""
-    if fmt == "JPEG":
-        return _jpeg_size(data)
-    if fmt == "WEBP":
-        return _webp_size(data)
-    return _simple_size(fmt, data)
-
-
-def check_size(size: ImageSize, limits: ImageLimits) -> None:
-    """Refuse dimensions, pixel count or aspect ratio over the limits (422)."""
-    width, height = size
-    if width <= 0 or height <= 0:
-        raise InvalidImage(f"image header declares an empty size {width}x{height}")
-    side = max(width, height)
-    if side > limits.max_image_side:
-        raise ImageTooLarge(
-            f"image is {width}x{height}; the longest side may be {limits.max_image_side} px"
-        )
-    if width * height > limits.max_image_pixels:
-        raise ImageTooLarge(
-            f"image is {width}x{height} = {width * height} pixels; "
-            f"the limit is {limits.max_image_pixels}"
-        )
-    if side / min(width, height) > limits.max_aspect_ratio:
-        raise ImageTooLarge(
-            f"image is {width}x{height}; the aspect ratio may be at most "
-            f"{limits.max_aspect_ratio:g}:1"
-        )
+def open_image(data: bytes | bytearray, fmt: str, limits: ImageLimits) -> Opened:
+    """Structural walk, then a lazy open with only `fmt` allowed; nothing is decoded yet."""
+    header = read_header(data, fmt, limits)
+    if header.size is not None:
+        check_size(header.size, limits)
+    orientation = exif.orientation(header.exif, limits)
+    try:
+        img = Image.open(io.BytesIO(data), formats=(fmt,))
+        check_size(img.size, limits)  # the authoritative size, for every format
+        _check_frames(img, limits)
+        _check_memory(img, header, limits)
+    except (ImageTooLarge, AnimatedImage, ImageTooComplex):
+        raise
+    except Image.DecompressionBombError as exc:
+        raise ImageTooLarge(f"image is over Pillow's pixel limit: {reason(exc)}") from exc
+    except DECODE_ERRORS as exc:
+        raise InvalidImage(f"cannot read the {fmt} image: {reason(exc)}") from exc
+    return Opened(img, header, orientation)
 
 
 def _check_frames(img: Image.Image, limits: ImageLimits) -> None:
+    if img.format == "MPO":
+        # A JPEG with an MPF segment (camera previews, phone gain maps): frame 0 is the
+        # primary image, the others are alternative renderings, not an animation.
+        img.seek(0)
+        return
     if not getattr(img, "is_animated", False):
         return
     if limits.animated == "reject":
@@ -202,37 +107,90 @@ def _check_frames(img: Image.Image, limits: ImageLimits) -> None:
     img.seek(0)
 
 
-def open_image(data: bytes | bytearray, fmt: str, limits: ImageLimits) -> Image.Image:
-    """Open lazily with only `fmt` allowed, after the header checks; nothing is decoded yet.
+# --- the memory estimate --------------------------------------------------------------------
 
-    Our own header parsers refuse anything over `max_image_pixels` (capped at Pillow's default
-    `MAX_IMAGE_PIXELS`) before Pillow runs, so Pillow's bomb check stays a silent backstop and
-    no process-global warning filter has to be touched (this runs on decode threads).
+_ALPHA_MODES = {"RGBA", "LA", "RGBa", "La"}
+_NARROW = {"1": 1, "L": 1, "P": 1, "I;16": 2, "I;16B": 2, "I;16L": 2, "I;16N": 2}
+
+
+def _conversions(img: Image.Image) -> int:
+    """Full-size 4-byte buffers `to_rgb` holds besides the decoded image."""
+    if img.mode == "RGB":
+        return 0
+    if img.mode == "PA" or (img.mode == "P" and "transparency" in img.info):
+        return 2  # RGBA, then the RGB it is pasted onto
+    return 2 if img.mode in ("I", "F") or img.mode.startswith("I;16") else 1
+
+
+def _coefficients(header: Header) -> int:
+    """Bytes libjpeg holds for a buffered (progressive or multi-scan) JPEG: every block."""
+    if not (header.buffered and header.components and header.size):
+        return 0
+    width, height = header.size
+    h_max = max(h for h, _ in header.components)
+    v_max = max(v for _, v in header.components)
+    return sum(math.ceil(math.ceil(width * h / h_max) / 8)
+               * math.ceil(math.ceil(height * v / v_max) / 8) * 128
+               for h, v in header.components)
+
+
+def estimate(img: Image.Image, header: Header) -> int:
+    """Peak bytes a full-size decode and RGB conversion of `img` needs, from headers only.
+
+    Deliberately the same for every handler (no reduced JPEG scale, no shrink): the
+    classifier and the detector accept and refuse exactly the same images.
     """
-    size = header_size(fmt, data)
-    if size is not None:
-        check_size(size, limits)
-    try:
-        img = Image.open(io.BytesIO(data), formats=(fmt,))
-        check_size(img.size, limits)  # the authoritative size, for every format
-        _check_frames(img, limits)
-    except (ImageTooLarge, AnimatedImage):
-        raise
-    except Image.DecompressionBombError as exc:
-        raise ImageTooLarge(f"image is over Pillow's pixel limit: {reason(exc)}") from exc
-    except DECODE_ERRORS as exc:
-        raise InvalidImage(f"cannot read the {fmt} image: {reason(exc)}") from exc
-    return img
+    pixels = img.size[0] * img.size[1]
+    decoded = max(pixels * _NARROW.get(img.mode, 4), header.stream)
+    return decoded + _coefficients(header) + pixels * 4 * _conversions(img)
+
+
+def _check_memory(img: Image.Image, header: Header, limits: ImageLimits) -> None:
+    needed = estimate(img, header)
+    if needed > limits.max_decode_memory:
+        raise ImageTooComplex(
+            f"decoding this {img.size[0]}x{img.size[1]} {img.mode} image needs about "
+            f"{needed >> 20} MiB; the limit is {limits.max_decode_memory >> 20} MiB "
+            "(handler.max_decode_memory). Send a smaller image or one with fewer channels"
+        )
 
 
 # --- decoding -------------------------------------------------------------------------------
 
-_ALPHA_MODES = {"RGBA", "LA", "PA", "RGBa", "La"}
+
+def decode(opened: Opened, need: ImageSize | None) -> Image.Image:
+    """Upright RGB pixels, at least `need` (shown width, height) when given.
+
+    Raises:
+        InvalidImage: the decoder failed (truncated, corrupt); nothing is swallowed.
+    """
+    img, fmt = opened.image, opened.format
+    stored = opened.stored(need) if need is not None else None
+    try:
+        if fmt == "JPEG" and stored is not None:
+            img.draft("RGB", stored)
+        img.load()
+        img = to_rgb(img)
+        factor = _factor(img.size, stored)
+        if factor > 1:  # box-average down to at most twice the need: less to copy and resize
+            img = img.reduce(factor)
+        return exif.orient(img, opened.orientation)
+    except DECODE_ERRORS as exc:
+        raise InvalidImage(f"cannot decode the {fmt} image: {reason(exc)}") from exc
 
 
-def _sixteen_bit_to_l(img: Image.Image) -> Image.Image:
-    # Pillow's own I;16 → L conversion clips at 255 (a 16-bit image turns white); scale instead.
-    arr = np.asarray(img).astype(np.uint32) >> 8
+def _factor(size: ImageSize, need: ImageSize | None) -> int:
+    """The integer shrink that keeps at least `need`; 1 below twice the need."""
+    if need is None:
+        return 1
+    return max(1, min(size[0] // max(1, need[0]), size[1] // max(1, need[1])))
+
+
+def _to_l(img: Image.Image) -> Image.Image:
+    """16/32-bit grey → 8-bit L, scaled (Pillow's own conversion clips at 255: white)."""
+    if img.mode.startswith("I;16"):
+        return img.point(lambda value: value * (1 / 256)).convert("L")
+    arr = np.asarray(img if img.mode != "F" else img.convert("I")).astype(np.uint32) >> 8
     return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), mode="L")
 
 
@@ -242,38 +200,15 @@ def to_rgb(img: Image.Image) -> Image.Image:
     if mode == "RGB":
         return img
     if mode.startswith("I;16") or mode in ("I", "F"):
-        return _sixteen_bit_to_l(img if mode != "F" else img.convert("I")).convert("RGB")
-    if mode == "P" and "transparency" in img.info:
+        return _to_l(img).convert("RGB")
+    if mode == "PA" or (mode == "P" and "transparency" in img.info):
         img, mode = img.convert("RGBA"), "RGBA"
+    elif mode == "La":
+        img, mode = img.convert("LA"), "LA"
     if mode in _ALPHA_MODES:
-        rgba = img.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(background, rgba).convert("RGB")
+        # Pasting with the image's own alpha as the mask composites onto white in one
+        # buffer (alpha_composite needed three more full-size RGBA copies).
+        out = Image.new("RGB", img.size, (255, 255, 255))
+        out.paste(img, (0, 0), img)
+        return out
     return img.convert("RGB")
-
-
-def apply_exif_orientation(img: Image.Image) -> Image.Image:
-    """Rotate/flip per the EXIF Orientation tag (cheap no-op when absent or 1)."""
-    try:
-        orientation = img.getexif().get(0x0112, 1)
-    except DECODE_ERRORS:
-        return img
-    if orientation in (None, 1):
-        return img
-    return ImageOps.exif_transpose(img)
-
-
-def load(img: Image.Image, fmt: str, draft_to: ImageSize | None = None) -> Image.Image:
-    """Decode the pixels (at reduced JPEG scale when `draft_to` is given) and apply EXIF.
-
-    `draft_to` is the smallest size the caller still needs; JPEG's DCT scaling then decodes at
-    1/2, 1/4 or 1/8 without going below it. Truncated files are refused: we never set
-    `LOAD_TRUNCATED_IMAGES`.
-    """
-    try:
-        if fmt == "JPEG" and draft_to is not None:
-            img.draft("RGB", draft_to)
-        img.load()
-        return apply_exif_orientation(img)
-    except DECODE_ERRORS as exc:
-        raise InvalidImage(f"cannot decode the {fmt} image: {reason(exc)}") from exc

@@ -18,6 +18,9 @@ Two model contracts (TorchScript), `handler.model_contract: auto | list | tensor
 
 `auto` reads the first argument type of the loaded `forward` (`List[Tensor]` or `Tensor`);
 anything else fails `initialize` with a message naming `model_contract`.
+
+Outputs are checked per image (detections.py): a malformed result fails its own row with 500
+`inference_failed`, its neighbours are served; labels are validated class ids.
 """
 
 from __future__ import annotations
@@ -34,13 +37,11 @@ from PIL import Image
 
 from secure_handler.errors import ConfigurationError
 from secure_handler.limits import ObjectDetectorLimits
-from secure_handler.serving.image import decode as images
+from secure_handler.serving.image.detections import Frame, format_detections, split_detections
 from secure_handler.serving.image.vision import OpenedImage, SecureVisionHandler
 from secure_handler.serving.outputs import load_labels
 
-__all__ = ["SecureObjectDetector", "detect_contract", "display_size", "split_detections"]
-
-Triple = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+__all__ = ["SecureObjectDetector", "detect_contract", "split_detections"]
 
 
 def detect_contract(model: Any) -> str:
@@ -65,64 +66,6 @@ def detect_contract(model: Any) -> str:
         f"cannot tell the detector contract from forward({shown}); expected one required "
         "argument `List[Tensor]` (list) or `Tensor` (tensor). Set handler.model_contract"
     )
-
-
-def _triple(boxes: Any, scores: Any, labels: Any) -> Triple:
-    if not all(isinstance(t, torch.Tensor) for t in (boxes, scores, labels)):
-        raise TypeError("detector boxes, scores and labels must be tensors")
-    return boxes, scores, labels
-
-
-def split_detections(outputs: Any, count: int) -> list[Triple]:
-    """Any supported detector output → one `(boxes, scores, labels)` per image.
-
-    Raises:
-        TypeError: the output has neither shape, or not `count` images.
-    """
-    if isinstance(outputs, tuple) and len(outputs) == 2 and isinstance(outputs[1], list):
-        outputs = outputs[1]  # scripted torchvision: (losses, detections)
-    if isinstance(outputs, (list, tuple)) and all(isinstance(d, dict) for d in outputs):
-        try:
-            per_image = [_triple(d["boxes"], d["scores"], d["labels"]) for d in outputs]
-        except KeyError as exc:
-            raise TypeError(f"detection dict has no {exc.args[0]!r}") from exc
-    else:
-        if isinstance(outputs, dict):
-            outputs = tuple(outputs.get(k) for k in ("boxes", "scores", "labels"))
-        if not (isinstance(outputs, (list, tuple)) and len(outputs) == 3):
-            raise TypeError(
-                "detector must return (boxes, scores, labels), a dict of them, "
-                "List[Dict] or (losses, List[Dict])"
-            )
-        boxes, scores, labels = _triple(*outputs)
-        if boxes.dim() != 3 or boxes.shape[0] != count:
-            raise TypeError(f"batched boxes must be [{count}, N, 4]; got {list(boxes.shape)}")
-        per_image = [(boxes[i], scores[i], labels[i]) for i in range(count)]
-    if len(per_image) != count:
-        raise TypeError(f"detector returned {len(per_image)} results for {count} images")
-    return per_image
-
-
-# EXIF orientations that turn the stored image by 90 degrees: width and height swap.
-_TRANSPOSED = frozenset({5, 6, 7, 8})
-
-
-def display_size(opened: OpenedImage) -> tuple[int, int, bool]:
-    """Width and height as shown (after the EXIF orientation the decoder applies), and
-    whether they are swapped relative to the stored pixels; boxes map back to these."""
-    width, height = opened.size
-    try:
-        orientation = opened.image.getexif().get(0x0112, 1)
-    except images.DECODE_ERRORS:
-        orientation = 1  # the decoder will not rotate either (images.apply_exif_orientation)
-    if orientation in _TRANSPOSED:
-        return height, width, True
-    return width, height, False
-
-
-def _stored(size: tuple[int, int], swapped: bool) -> tuple[int, int]:
-    # JPEG draft sizes are in stored (pre-rotation) pixels.
-    return (size[1], size[0]) if swapped else size
 
 
 def _pixels(placed: Placed) -> torch.Tensor:
@@ -200,19 +143,19 @@ class SecureObjectDetector(SecureVisionHandler):
     def decode(self, payload: Any, idx: int) -> Placed:
         """Check and decode one image; tensor contract: resize it into batch slot `idx`."""
         opened = self.open_image(payload)
-        width, height, swapped = display_size(opened)
         if self.contract == "list":
             return self._keep_size(opened, idx)
         limits: ObjectDetectorLimits = self.limits
         assert limits.input_size is not None
         in_h, in_w = limits.input_size
+        width, height = opened.size  # as shown, after the EXIF orientation
         if limits.resize == "stretch":
             target = (in_w, in_h)
         else:
             scale = min(in_w / width, in_h / height)
             target = (max(1, min(in_w, round(width * scale))),
                       max(1, min(in_h, round(height * scale))))
-        img = self.pixels(opened, _stored(target, swapped))
+        img = self.pixels(opened, target)
         img = img.resize(target, Image.Resampling.BILINEAR)
         slot = self._slots_np[idx]
         if target != (in_w, in_h):
@@ -222,10 +165,10 @@ class SecureObjectDetector(SecureVisionHandler):
 
     def _keep_size(self, opened: OpenedImage, idx: int) -> Placed:
         limits: ObjectDetectorLimits = self.limits
-        width, height, swapped = display_size(opened)
+        width, height = opened.size
         scale = min(1.0, limits.max_model_side / max(width, height))
         target = (max(1, math.floor(width * scale)), max(1, math.floor(height * scale)))
-        img = self.pixels(opened, _stored(target, swapped) if scale < 1.0 else None)
+        img = self.pixels(opened, target if scale < 1.0 else None)
         if img.size != target:
             img = img.resize(target, Image.Resampling.BILINEAR)
         pixels = torch.from_numpy(np.array(img))  # a copy: np.asarray of an image is read-only
@@ -254,31 +197,12 @@ class SecureObjectDetector(SecureVisionHandler):
             return self.model([self.to_device(t) for t in batch])
 
     def format_outputs(self, outputs: Any, items: Sequence[Placed]) -> list[Any]:
+        """One result per image; a malformed output fails its own row only (500)."""
         per_image = split_detections(outputs, len(items))
-        return [self._detections(t, p) for t, p in zip(per_image, items, strict=True)]
-
-    def _detections(self, found: Triple, placed: Placed) -> dict[str, Any]:
-        limits: ObjectDetectorLimits = self.limits
-        boxes, scores, labels = (t.detach().float().cpu() for t in found)
-        count = boxes.shape[0] if boxes.dim() == 2 else -1
-        if boxes.dim() != 2 or boxes.shape[1] != 4 or not scores.shape == labels.shape == (count,):
-            raise TypeError(f"detections must be boxes [N, 4], scores [N], labels [N]; got "
-                            f"{list(boxes.shape)}, {list(scores.shape)}, {list(labels.shape)}")
-        keep = (scores >= limits.score_threshold) & torch.isfinite(scores) & (labels >= 0)
-        keep &= torch.isfinite(boxes).all(dim=1)
-        boxes = boxes * torch.tensor([placed.scale_x, placed.scale_y] * 2)
-        bound = torch.tensor([placed.width, placed.height] * 2, dtype=torch.float32)
-        boxes = boxes.clamp(min=0).minimum(bound)
-        keep &= (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])  # still visible
-        order = keep.nonzero().squeeze(1)
-        order = order[scores[order].argsort(descending=True)][: limits.max_detections]
-        boxes, scores, labels = boxes[order], scores[order], labels[order].long()
-        return {"detections": [
-            {"label": self.label_map.get(c, str(c)), "class": c,
-             "score": round(s, limits.score_digits),
-             "box": [round(v, limits.box_digits) for v in b]}
-            for b, s, c in zip(boxes.tolist(), scores.tolist(), labels.tolist(), strict=True)
-        ]}
+        return [found if not isinstance(found, tuple) else format_detections(
+                    found, Frame(p.width, p.height, p.scale_x, p.scale_y), self.limits,
+                    self.label_map)
+                for found, p in zip(per_image, items, strict=True)]
 
     def warmup_items(self) -> list[Placed]:
         limits: ObjectDetectorLimits = self.limits

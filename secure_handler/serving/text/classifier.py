@@ -63,27 +63,25 @@ class SecureTextClassifier(SecureBaseHandler):
     # --- per request ---------------------------------------------------------------------
 
     def read_payload(self, row: Mapping[str, Any], idx: int) -> str:
-        """The request's text, within `max_request_bytes` and valid Unicode."""
+        """The request's text, within `max_request_bytes` and valid Unicode (envelope.py)."""
         limits: TextClassifierLimits = self.limits
-        found = payload.extract(row, self.context.get_all_request_header(idx))
+        found = payload.read(row, self.context.get_all_request_header(idx),
+                             limits.max_request_bytes, "text/plain; charset=utf-8",
+                             text.decode_utf8)
         value = found.value
-        if isinstance(value, (bytes, bytearray)):
-            payload.check_size(len(value), limits.max_request_bytes)
-            decoded = text.decode_utf8(value)
-            if found.content_type != JSON_TYPE:
-                return decoded
-            # JSON the worker did not parse (TS_DECODE_INPUT_REQUEST=false, or it failed).
-            value = _parse_json(decoded)
-        elif isinstance(value, str):
+        if found.is_json:
+            field = payload.json_field(value, self.json_fields)
+            if not isinstance(field, str):
+                raise MalformedRequest(f"JSON field must be a string; got {type(field).__name__}")
+            payload.check_size(text.utf8_size(field), limits.max_request_bytes, "text")
+            return field
+        if isinstance(value, str):
             # Characters never outnumber bytes, so this refuses a huge body before encoding it.
             payload.check_size(len(value), limits.max_request_bytes)
             payload.check_size(text.utf8_size(value), limits.max_request_bytes)
             return value
-        field = payload.json_field(value, self.json_fields)
-        if not isinstance(field, str):
-            raise MalformedRequest(f"JSON field must be a string; got {type(field).__name__}")
-        payload.check_size(text.utf8_size(field), limits.max_request_bytes, "text")
-        return field
+        payload.check_size(len(value), limits.max_request_bytes)
+        return text.decode_utf8(value)
 
     def decode(self, payload: str, idx: int) -> str:
         """Check and normalise one text; `decode_rows` tokenizes the batch's texts at once."""
