@@ -238,6 +238,8 @@ class _Judge:
 
     def _bases(self, node: ast.ClassDef) -> None:
         metaclass = [k.value for k in node.keywords if k.arg == "metaclass"]
+        if any(k.arg is None for k in node.keywords):  # `**kw` could carry a metaclass
+            self.hit("SH214", node, f"class {node.name}: `**` in the class keywords")
         for base in [*node.bases, *metaclass]:
             if why := self._base_problem(base):
                 self.hit("SH214", base, f"class {node.name}: {why}")

@@ -175,6 +175,7 @@ CASES: dict[str, tuple[str | bytes, set[tuple[str, int]]]] = {
                           "    x: 'int' = 1\n", {("SH214", 4)}),
     "computed-base": ("class H:\n    def f(self):\n        class L(self.limits_model):\n"
                       "            pass\n", {("SH214", 3)}),
+    "metaclass-through-kwargs": ("class X(**{'metaclass': M}):\n    pass\n", {("SH214", 1)}),
     "rebound-base": ("B = int\nB = object\n\n\nclass X(B):\n    pass\n", {("SH214", 5)}),
     "singledispatch": ("from functools import singledispatch\n", {("SH111", 1)}),
     "typevar-bound-string": ("from typing import TypeVar\n", {("SH111", 1)}),
