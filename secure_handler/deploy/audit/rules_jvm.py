@@ -43,22 +43,22 @@ def parser_disagreement(ctx: AuditContext) -> Iterator[ConfigFinding]:
 
 
 def vmargs(ctx: AuditContext) -> Iterator[ConfigFinding]:
-    for value in ctx.launcher_values("vmargs"):
-        if not value:
-            continue
-        bad = jvm.disallowed(jvm.launcher_tokens(value))
-        if bad:
-            yield ctx.finding("high", "vmargs", "TorchServe's launcher splits vmargs with "
-                              "Python's str.split() (every Unicode space) and passes the JVM "
-                              f"arguments that are not heap or GC settings: "
-                              f"{' '.join(_visible(b) for b in bad)}. They can load code "
-                              "(agents, argument files, modules, system properties).",
-                              "Remove them from vmargs. " + _JVM_FIX, cwe=["CWE-94", "CWE-15"],
-                              source="launcher", value=value)
-        else:
-            yield ctx.finding("low", "vmargs", "the config passes extra JVM arguments (heap and "
-                              "GC settings only).", "Keep the file root-owned.", cwe=["CWE-15"],
-                              source="launcher", value=value)
+    values = [v for v in ctx.launcher_values("vmargs") if v]
+    if not values:
+        return
+    # One finding, over every decoding the launcher may use (a separator seen in one only).
+    bad = list(dict.fromkeys(b for v in values for b in jvm.disallowed(jvm.launcher_tokens(v))))
+    if bad:
+        yield ctx.finding("high", "vmargs", "TorchServe's launcher splits vmargs with Python's "
+                          "str.split() (every Unicode space) and passes the JVM arguments that "
+                          f"are not heap or GC settings: {' '.join(_visible(b) for b in bad)}. "
+                          "They can load code (agents, argument files, modules, system "
+                          "properties).", "Remove them from vmargs. " + _JVM_FIX,
+                          cwe=["CWE-94", "CWE-15"], source="launcher", value=values[0])
+    else:
+        yield ctx.finding("low", "vmargs", "the config passes extra JVM arguments (heap and GC "
+                          "settings only).", "Keep the file root-owned.", cwe=["CWE-15"],
+                          source="launcher", value=values[0])
 
 
 def jvm_environment(ctx: AuditContext) -> Iterator[ConfigFinding]:
