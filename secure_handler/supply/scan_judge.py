@@ -164,6 +164,11 @@ class _Judge:
             self.hit("SH111", node, f"{full} is not on the allowlist of {base}")
 
     def _bind(self, node: ast.AST, name: str, bound: _Bound) -> None:
+        # `import numpy as __builtins__` would make np.load every function's bare `load`.
+        if name in _FORBIDDEN_BUILTINS or name in R.ATTRIBUTE_CALL_BUILTINS:
+            self.hit("SH210", node, f"an import bound to the builtin name `{name}`")
+        elif R.is_dunder(name) and name not in R.ALLOWED_DUNDER_NAMES:
+            self.hit("SH211", node, f"an import bound to the special name `{name}`")
         if self.bound.get(name, bound) != bound:
             self.hit("SH114", node, f"`{name}` is bound to two different imports")
         self.bound[name] = bound

@@ -201,10 +201,12 @@ def evaluates_annotations(qualified: str) -> bool:
 
 # --- builtins ----------------------------------------------------------------------------
 
+#: Exception classes; not SystemExit, KeyboardInterrupt or GeneratorExit (BaseException only),
+#: which no handler needs and which end a worker instead of failing a row.
 _EXCEPTIONS = frozenset(
     name
     for name, value in vars(builtins).items()
-    if isinstance(value, type) and issubclass(value, BaseException)
+    if isinstance(value, type) and issubclass(value, Exception)
 )
 #: Builtins handler code may name. Not: eval exec compile __import__ open input breakpoint
 #: globals locals vars dir help memoryview type exit quit (code, files, reflection, processes).

@@ -133,6 +133,9 @@ CASES: dict[str, tuple[str | bytes, set[tuple[str, int]]]] = {
     "type-three-args": ("T = type('T', (), {})\n", {("SH210", 1)}),
     "breakpoint": ("breakpoint()\n", {("SH210", 1)}),
     "input": ("x = input()\n", {("SH210", 1)}),
+    "import-as-builtins": ("import numpy as __builtins__\n", {("SH211", 1)}),
+    "import-as-forbidden-builtin": ("from numpy import zeros as open\n", {("SH210", 1)}),
+    "system-exit": ("raise SystemExit(0)\n", {("SH210", 1)}),
     "shadow-builtin": ("def eval(x):\n    return x\n", {("SH210", 1)}),
     # SH211: private and special attributes, frames, overriding the library's internals
     "subclasses": ("x = ().__class__.__base__.__subclasses__()\n", {("SH211", 1)}),
