@@ -1,6 +1,6 @@
 """`SecureBaseHandler`: per-request isolation, typed errors, TorchScript-only loading.
 
-A subclass says only what makes it different (see ARCHITECTURE.md):
+A subclass says only what makes it different (see docs/ARCHITECTURE.md):
 
 * `limits_model`: its pydantic limits;
 * `read_payload(row, idx)`: the request's envelope → bytes or text (size, base64, JSON shape);
@@ -76,7 +76,12 @@ class SecureBaseHandler(BaseHandler, ABC):  # type: ignore[misc]
         self._check_batch_size(properties.get("batch_size"))
         self.device = loading.choose_device(properties, self.limits.device)
         self.map_location = str(self.device)
-        self.model = self._load_model(Path(properties.get("model_dir") or "."))
+        model_dir = Path(properties.get("model_dir") or ".")
+        before = loading.snapshot_tree(model_dir)
+        self.model = self._load_model(model_dir)
+        # Defence in depth behind the TorchScript inspection: loading wrote nothing into the
+        # worker's cwd and first import path, where a new file would run in the next worker.
+        loading.check_tree_unchanged(model_dir, before)
         threads = int(getattr(self.limits, "decode_threads", 0))
         if threads > 0:
             # Pillow releases the GIL while decoding and resampling, so rows decode in parallel.

@@ -12,6 +12,7 @@ import hashlib
 import json
 import logging
 import os
+import stat
 import warnings
 import zipfile
 from collections.abc import Mapping
@@ -19,6 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from secure_handler.errors import ConfigurationError, IntegrityError, UnsafeModelError
+from secure_handler.serving.torchscript import check_torchscript_program
 
 if TYPE_CHECKING:  # torch is imported where it is used, so the CLI starts fast
     import torch
@@ -28,10 +30,12 @@ __all__ = [
     "TRUST_STORE_ENV",
     "check_manifest",
     "check_torchscript_archive",
+    "check_tree_unchanged",
     "choose_device",
     "load_torchscript",
     "save_torchscript",
     "sha256_file",
+    "snapshot_tree",
     "verify_embedded_digests",
 ]
 
@@ -179,8 +183,65 @@ def verify_embedded_digests(model_dir: str | os.PathLike[str]) -> str | None:
     return sha256_file(manifest_path)
 
 
+#: A snapshot: relative path -> (file type, size, mtime in ns, SHA-256 of a small file or "").
+TreeSnapshot = dict[str, tuple[int, int, int, str]]
+
+_SNAPSHOT_HASH_BYTES = 1 << 20
+_SNAPSHOT_MAX_ENTRIES = 100_000
+
+
+def snapshot_tree(root: str | os.PathLike[str]) -> TreeSnapshot:
+    """What is under `root`: names, types, sizes, mtimes, and the SHA-256 of files up to 1 MiB
+    (so a same-size rewrite with a restored mtime still shows). Links are recorded, never
+    followed. Python's bytecode caches (`__pycache__`) are left out: another worker of the same
+    model writes them while importing the handler, at any time."""
+    entries: TreeSnapshot = {}
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
+        dirnames[:] = [d for d in dirnames if d != "__pycache__"]
+        for name in [*dirnames, *filenames]:
+            path = os.path.join(dirpath, name)
+            info = os.lstat(path)
+            kind = stat.S_IFMT(info.st_mode)
+            small = stat.S_ISREG(info.st_mode) and info.st_size <= _SNAPSHOT_HASH_BYTES
+            size, mtime = info.st_size, info.st_mtime_ns
+            if stat.S_ISDIR(info.st_mode):
+                size = mtime = 0  # they change with the entries, which are compared anyway
+            digest = sha256_file(path) if small else ""
+            entries[os.path.relpath(path, root)] = (kind, size, mtime, digest)
+            if len(entries) > _SNAPSHOT_MAX_ENTRIES:
+                raise ConfigurationError(
+                    f"model directory {os.fspath(root)} holds over {_SNAPSHOT_MAX_ENTRIES} "
+                    "entries; archive only what the handler needs"
+                )
+    return entries
+
+
+def check_tree_unchanged(root: str | os.PathLike[str], before: TreeSnapshot) -> None:
+    """Defence in depth after loading: refuse if anything under `root` appeared, changed or
+    went away. The model directory is the worker's working directory and first import path,
+    so a file written there (`sitecustomize.py`) would run in the next worker."""
+    after = snapshot_tree(root)
+    appeared = sorted(set(after) - set(before))
+    removed = sorted(set(before) - set(after))
+    modified = sorted(p for p in set(before) & set(after) if before[p] != after[p])
+    if appeared or removed or modified:
+        parts = [f"{label}: {', '.join(names[:10])}" for label, names in
+                 (("appeared", appeared), ("modified", modified), ("removed", removed)) if names]
+        raise UnsafeModelError(
+            f"loading the model changed its directory {os.fspath(root)} ({'; '.join(parts)}): "
+            "the model ran code that writes files. Refuse this archive and rebuild the model "
+            "from trusted source with torch.jit.script or torch.jit.trace"
+        )
+
+
 def load_torchscript(path: str | os.PathLike[str], device: torch.device) -> torch.jit.ScriptModule:
-    """`torch.jit.load` onto `device`, in eval mode. Call only after the checks above."""
+    """`torch.jit.load` onto `device`, in eval mode. Call only after the checks above.
+
+    `torch.jit.load` compiles the file's code and runs its `__setstate__` methods, so the
+    program is inspected first (`serving.torchscript`): nothing outside the operator allowlist
+    ever runs. Raises `UnsafeModelError` naming the operation, the method and the file.
+    """
+    check_torchscript_program(path)
     import torch
 
     with warnings.catch_warnings():

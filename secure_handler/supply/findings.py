@@ -81,6 +81,8 @@ _RULE_ROWS = [
     ("SH412", "module-shadowing", "CWE-427", "a member shadows an importable module"),
     ("SH413", "dangerous-pickle-globals", "CWE-502", "a pickle imports dangerous globals"),
     ("SH414", "config-launch-setting", "CWE-15", "model-config changes how TorchServe launches"),
+    ("SH420", "torchscript-code", "CWE-94", "TorchScript code outside the operator allowlist"),
+    ("SH421", "torchscript-pickle", "CWE-502", "a TorchScript pickle global or opcode not allowed"),
     ("SH501", "digests-missing", "CWE-345", "no embedded digest manifest"),
     ("SH502", "digest-mismatch", "CWE-345", "a member differs from its embedded digest"),
     ("SH503", "digest-unlisted-member", "CWE-345", "a member is not in the digest manifest"),

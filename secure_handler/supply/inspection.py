@@ -20,6 +20,7 @@ from typing import Any
 
 from secure_handler.errors import UnsafeModelError
 from secure_handler.serving.loading import DIGESTS_MEMBER, check_torchscript_archive, sha256_file
+from secure_handler.serving.torchscript import inspect_torchscript
 from secure_handler.supply.carriers import code_carrier
 from secure_handler.supply.findings import Finding, blocking, finding
 from secure_handler.supply.modelconfig import (
@@ -264,6 +265,13 @@ def _check_serialized(path: Path, member: str, options: VerifyOptions, report: M
     if scanned.dangerous:
         names = ", ".join(str(g) for g in scanned.dangerous)
         report.add("SH413", member, f"TorchScript pickles import dangerous globals: {names}")
+    # The program itself, read without loading it: what the worker's loader also refuses.
+    for issue in inspect_torchscript(path):
+        rule = "SH421" if issue.member.endswith("pkl") else "SH420"
+        line = f":{issue.line}" if issue.line else ""
+        location = f"{Path(report.path).name}!{member}!{issue.member}{line}"
+        inside = f"in {issue.method}: " if issue.method else ""
+        report.findings.append(finding(rule, location, f"{inside}{issue.what}: {issue.reason}"))
 
 
 @functools.lru_cache(maxsize=1)

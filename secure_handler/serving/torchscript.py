@@ -1,0 +1,313 @@
+"""Inspect a TorchScript file's program WITHOUT loading it; refuse what is not allowed.
+
+`torch.jit.load` compiles the printed code in `code/**.py` and unpickles `data.pkl`, running
+any `__setstate__` the program defines, so a model can write files (`torch.from_file(...,
+shared=True)` + `copy_`, `torch.save`) or read host files while loading or serving. Here, before
+`torch.jit.load` ever sees the file, it is read as a zip:
+
+* every member must have a known role (`_member_role`): printed code, the pickles, tensor data,
+  version and id files, extra files. Anything else is refused;
+* every code member is judged by `secure_handler.serving.tscode` (operators only from
+  `secure_handler.serving.opsallow`, builtins, types and constructs only from fixed sets), and
+  that covers `__setstate__`: it may call only what everything else may;
+* every pickle (`data.pkl`, `constants.pkl`, `traced_inputs.pkl`, `*.debug_pkl`) is walked
+  opcode by opcode with `pickletools` (never unpickled): opcodes from a fixed set, and globals
+  only the tensor/storage rebuilders and list builders `torch.jit.save` writes, plus classes the
+  program's own code defines and the allowed `torch.classes` (`_pickle_global_problem`).
+
+Cost is bounded (`InspectLimits`): members, bytes of code, bytes of pickle, AST nodes, findings.
+`inspect_torchscript` returns every `ScriptIssue`; `check_torchscript_program` raises
+`UnsafeModelError` naming the first ones and the fix.
+"""
+
+from __future__ import annotations
+
+import ast
+import contextlib
+import io
+import os
+import pickletools
+import re
+import tokenize
+import zipfile
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import IO
+
+from secure_handler.errors import UnsafeModelError
+from secure_handler.serving import tscode
+from secure_handler.serving.opsallow import ALLOWED_CUSTOM_CLASSES
+
+__all__ = ["InspectLimits", "ScriptIssue", "check_torchscript_program", "inspect_torchscript"]
+
+#: One refused construct; `member` is relative to the archive's top folder.
+ScriptIssue = tscode.CodeIssue
+
+
+@dataclass(frozen=True)
+class InspectLimits:
+    """Bounds on what one inspection reads, so a hostile file cannot make it expensive."""
+
+    max_members: int = 50_000
+    max_code_bytes: int = 8 << 20
+    max_total_code_bytes: int = 64 << 20
+    max_pickle_bytes: int = 256 << 20
+    max_ast_nodes: int = 4_000_000
+    max_issues: int = 100
+
+
+_FIX = (
+    "export the model with tensor operations only (no file, process, network, printing or "
+    "custom operators, no custom classes) with torch.jit.script or torch.jit.trace; "
+    "the allowed operators are listed in secure_handler/serving/opsallow.txt"
+)
+_DIGITS = re.compile(r"[0-9]+")
+_SMALL_METADATA = frozenset({"version", ".data/version", "byteorder", ".data/serialization_id"})
+_TENSOR_FOLDERS = frozenset({"data", "constants", "traced_inputs"})
+_PICKLES = frozenset({"data.pkl", "constants.pkl", "traced_inputs.pkl"})
+_PICKLE_OPCODES = frozenset({
+    "PROTO", "FRAME", "STOP", "MARK", "POP", "POP_MARK", "DUP", "GLOBAL", "BINPERSID", "REDUCE",
+    "BUILD", "NEWOBJ", "TUPLE", "TUPLE1", "TUPLE2", "TUPLE3", "EMPTY_TUPLE", "LIST",
+    "EMPTY_LIST", "APPEND", "APPENDS", "DICT", "EMPTY_DICT", "SETITEM", "SETITEMS", "GET",
+    "BINGET", "LONG_BINGET", "PUT", "BINPUT", "LONG_BINPUT", "MEMOIZE", "INT", "BININT",
+    "BININT1", "BININT2", "LONG", "LONG1", "LONG4", "FLOAT", "BINFLOAT", "NONE", "NEWTRUE",
+    "NEWFALSE", "BINUNICODE", "SHORT_BINUNICODE", "BINUNICODE8", "BINBYTES", "SHORT_BINBYTES",
+    "BINBYTES8", "STRING", "BINSTRING", "SHORT_BINSTRING", "UNICODE",
+})  # fmt: skip
+_PICKLE_GLOBALS = frozenset({
+    "torch._utils._rebuild_tensor_v2", "torch._utils._rebuild_qtensor",
+    "torch.jit._pickle.build_intlist", "torch.jit._pickle.build_doublelist",
+    "torch.jit._pickle.build_boollist", "torch.jit._pickle.build_tensorlist",
+    "torch.jit._pickle.build_tensor_from_id", "torch.jit._pickle.restore_type_tag",
+    "collections.OrderedDict", "builtins.complex", "torch.device",
+    "torch.per_tensor_affine", "torch.per_channel_affine", "torch.per_tensor_symmetric",
+    "torch.per_channel_symmetric", "torch.per_channel_affine_float_qparams",
+})  # fmt: skip
+_STORAGE_GLOBAL = re.compile(r"torch\.[A-Za-z0-9]+Storage")
+_PRINTABLE = re.compile(r"[\x20-\x7e\n]*")
+
+
+def check_torchscript_program(
+    path: str | os.PathLike[str], limits: InspectLimits | None = None
+) -> None:
+    """Raise `UnsafeModelError` unless the program inside `path` passes the inspection."""
+    issues = inspect_torchscript(path, limits)
+    if issues:
+        shown = "; ".join(str(i) for i in issues[:5])
+        more = f" (and {len(issues) - 5} more)" if len(issues) > 5 else ""
+        raise UnsafeModelError(
+            f"{os.fspath(path)}: the TorchScript program is refused before loading: "
+            f"{shown}{more}. Fix: {_FIX}"
+        )
+
+
+def inspect_torchscript(
+    path: str | os.PathLike[str], limits: InspectLimits | None = None
+) -> list[ScriptIssue]:
+    """Every refused construct in the TorchScript file at `path`, read without loading it."""
+    limits = limits or InspectLimits()
+    try:
+        with zipfile.ZipFile(os.fspath(path)) as zf:
+            return _Inspection(zf, limits).run()
+    except (zipfile.BadZipFile, OSError, ValueError, NotImplementedError, EOFError,
+            RuntimeError, zlib.error) as exc:  # fmt: skip
+        return [ScriptIssue("", None, None, "zip", f"cannot be read as a zip: {exc}")]
+
+
+def _issue(member: str, what: str, why: str) -> ScriptIssue:
+    return ScriptIssue(member, None, None, what, why)
+
+
+class _Inspection:
+    """One pass over one file: members, then code (definitions first), then pickles."""
+
+    def __init__(self, zf: zipfile.ZipFile, limits: InspectLimits) -> None:
+        self.zf = zf
+        self.limits = limits
+        self.issues: list[ScriptIssue] = []
+        self.program = tscode.Program()
+        self.code_bytes = 0
+        self.nodes = 0
+
+    def add(self, issues: Iterator[ScriptIssue] | list[ScriptIssue]) -> None:
+        for issue in issues:
+            if len(self.issues) >= self.limits.max_issues:
+                self.issues.append(_issue("", "findings", f"over {self.limits.max_issues}; "
+                                          "stopped reading"))
+                raise _Stop
+            self.issues.append(issue)
+
+    def run(self) -> list[ScriptIssue]:
+        with contextlib.suppress(_Stop):  # raised after its reason was added as the last issue
+            self._run()
+        return self.issues
+
+    def _run(self) -> None:
+        infos = self.zf.infolist()
+        if len(infos) > self.limits.max_members:
+            self.add([_issue("", "members", f"{len(infos)} over {self.limits.max_members}")])
+            return
+        roots = {info.filename.split("/", 1)[0] for info in infos}
+        if len(roots) != 1:
+            self.add([_issue("", "layout", "members are not under one top folder")])
+            return
+        root = roots.pop()
+        code: list[tuple[str, zipfile.ZipInfo]] = []
+        pickles: list[tuple[str, zipfile.ZipInfo]] = []
+        for info in infos:
+            name = info.filename[len(root) + 1:]
+            role = _member_role(name)
+            if role is None:
+                self.add([_issue(name, "member", "not a part of a TorchScript file; refused "
+                                 "as not understood")])
+            elif role == "code":
+                code.append((name, info))
+            elif role == "pickle":
+                pickles.append((name, info))
+        trees = self._parse_all(code)
+        for name, tree in trees:
+            self.add(tscode.check_code(tree, name, self.program))
+        for name, info in pickles:
+            self.add(self._check_pickle(name, info))
+
+    def _parse_all(self, code: list[tuple[str, zipfile.ZipInfo]]) -> list[tuple[str, ast.Module]]:
+        trees = []
+        for name, info in code:
+            text = self._read_code(name, info)
+            if text is None:
+                continue
+            problem = _lexical_problem(text)
+            if problem:
+                self.add([_issue(name, "source text", problem)])
+                continue
+            try:
+                tree = ast.parse(text, mode="exec")
+            except (SyntaxError, ValueError, RecursionError, MemoryError) as exc:
+                self.add([_issue(name, "source text", f"does not parse: {exc}")])
+                continue
+            self.nodes += sum(1 for _ in ast.walk(tree))
+            if self.nodes > self.limits.max_ast_nodes:
+                self.add([_issue(name, "code size", f"over {self.limits.max_ast_nodes} nodes")])
+                raise _Stop
+            tscode.collect(tree, _qualifier(name), self.program)
+            trees.append((name, tree))
+        return trees
+
+    def _read_code(self, name: str, info: zipfile.ZipInfo) -> str | None:
+        data = _read_bounded(self.zf, info, self.limits.max_code_bytes)
+        if data is None:
+            self.add([_issue(name, "code size", f"over {self.limits.max_code_bytes} bytes")])
+            return None
+        self.code_bytes += len(data)
+        if self.code_bytes > self.limits.max_total_code_bytes:
+            self.add([_issue(name, "code size",
+                             f"all code over {self.limits.max_total_code_bytes} bytes")])
+            raise _Stop
+        try:
+            return data.decode("ascii")
+        except UnicodeDecodeError as exc:
+            self.add([_issue(name, "source text", f"not ASCII: {exc}")])
+            return None
+
+    def _check_pickle(self, name: str, info: zipfile.ZipInfo) -> Iterator[ScriptIssue]:
+        data = _read_bounded(self.zf, info, self.limits.max_pickle_bytes)
+        if data is None:
+            yield _issue(name, "pickle size", f"over {self.limits.max_pickle_bytes} bytes")
+            return
+        yield from _walk_pickle(name, io.BytesIO(data), self.program)
+
+
+class _Stop(Exception):
+    """Stop reading: the finding or size budget is spent."""
+
+
+def _read_bounded(zf: zipfile.ZipFile, info: zipfile.ZipInfo, limit: int) -> bytes | None:
+    """The member's bytes, or None past `limit`: reads at most limit + 1 bytes, whatever the
+    zip header claims."""
+    with zf.open(info) as fh:
+        data = fh.read(limit + 1)
+    return None if len(data) > limit else data
+
+
+def _lexical_problem(text: str) -> str | None:
+    """Why the text is not in the printer's plain form, or None.
+
+    Python's parser and TorchScript's lexer must see the same tokens, or text that Python reads
+    as a string could be code to TorchScript. So the text must be printable ASCII with `\\n`
+    line ends (no tabs, `\\r`, form feeds), without comments, backslash continuations or
+    strings other than plain `"..."`/`'...'`: exactly what the printer writes.
+    """
+    if not _PRINTABLE.fullmatch(text):
+        bad = next(c for c in text if not _PRINTABLE.fullmatch(c))
+        return f"character {bad!r}: only printable ASCII and \\n line ends are allowed"
+    if "\\\n" in text:
+        return "backslash line continuation"
+    try:
+        for token in tokenize.generate_tokens(io.StringIO(text).readline):
+            if token.type == tokenize.COMMENT:
+                return f"comment on line {token.start[0]}"
+            if token.type == tokenize.STRING and (
+                token.string[0] not in "\"'" or token.string[:3] in ('"""', "'''")
+            ):
+                return f"string literal {token.string[:20]!r} (prefixed or triple-quoted)"
+    except (tokenize.TokenError, IndentationError, SyntaxError) as exc:
+        return f"cannot tokenize: {exc}"
+    return None
+
+
+def _member_role(name: str) -> str | None:
+    """`code`, `pickle`, `data` or None (unknown) for a member path under the top folder."""
+    parts = name.split("/")
+    if name in _SMALL_METADATA or name in _PICKLES:
+        return "pickle" if name in _PICKLES else "data"
+    if len(parts) == 2 and parts[0] in _TENSOR_FOLDERS and _DIGITS.fullmatch(parts[1]):
+        return "data"
+    if parts[0] == "extra" and len(parts) >= 2 and all(parts[1:]):
+        return "data"  # `_extra_files`: handed to the caller as bytes, never interpreted
+    if parts[0] != "code" or len(parts) < 2 or parts[1].split(".")[0] != "__torch__":
+        return None
+    stem = name[len("code/"):]
+    if stem.endswith(".py.debug_pkl"):
+        stem, role = stem[: -len(".debug_pkl")], "pickle"
+    else:
+        role = "code"
+    dotted = stem[: -len(".py")].split("/") if stem.endswith(".py") else None
+    if dotted is None or not all(tscode.IDENTIFIER.fullmatch(p) for p in dotted):
+        return None
+    return role
+
+
+def _qualifier(name: str) -> str:
+    """`code/__torch__/a/b.py` is where TorchScript looks for the qualifier `__torch__.a.b`."""
+    return name[len("code/"): -len(".py")].replace("/", ".")
+
+
+def _walk_pickle(name: str, stream: IO[bytes], program: tscode.Program) -> Iterator[ScriptIssue]:
+    """Opcodes and globals of one pickle, read with `pickletools.genops` (executes nothing)."""
+    try:
+        for opcode, arg, _pos in pickletools.genops(stream):
+            if opcode.name not in _PICKLE_OPCODES:
+                yield _issue(name, f"pickle opcode {opcode.name}", "not one torch.jit.save "
+                             "writes; refused as not understood")
+            elif opcode.name == "GLOBAL":
+                problem = _pickle_global_problem(str(arg).replace(" ", "."), program)
+                if problem:
+                    yield _issue(name, f"pickle global {arg}", problem)
+    except (ValueError, EOFError, UnicodeDecodeError, OverflowError, MemoryError) as exc:
+        yield _issue(name, "pickle", f"cannot be disassembled: {exc}")
+
+
+def _pickle_global_problem(qualified: str, program: tscode.Program) -> str | None:
+    if qualified in _PICKLE_GLOBALS or _STORAGE_GLOBAL.fullmatch(qualified):
+        return None
+    if qualified.startswith("__torch__.torch.classes."):
+        custom = qualified[len("__torch__.torch.classes."):]
+        if custom in ALLOWED_CUSTOM_CLASSES:
+            return None
+        return "custom class outside the allowed ones: it needs a native library"
+    if qualified.startswith("__torch__.") and qualified in program.classes:
+        return None
+    if qualified.startswith("__torch__."):
+        return "a class the program's code does not define"
+    return "not a global torch.jit.save writes (only tensors, storages and list builders)"
