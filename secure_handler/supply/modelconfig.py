@@ -37,6 +37,8 @@ _MAX_DEPTH = 8
 _HANDLER_KINDS = (ImageClassifierLimits, TextClassifierLimits, ObjectDetectorLimits)
 
 _FIX = "remove it from model-config.yaml; the operator sets launch options in config.properties"
+_PLAIN = "write model-config.yaml as one small UTF-8 mapping of plain keys and values"
+_BOUNDS = "set a value within the bounds, or leave the key out"
 
 #: Why the keys TorchServe knows, but that are not allowed here, are refused.
 _LAUNCH_KEYS = {
@@ -81,15 +83,17 @@ class WorkerSettings(BaseModel):
 
 def read_model_config(text: bytes) -> Any:
     """Parse model-config.yaml within bounds. Raises ValueError naming what is refused."""
-    if len(text) > MAX_CONFIG_BYTES:
-        raise ValueError(f"{len(text)} bytes, limit {MAX_CONFIG_BYTES}")
     try:
+        if len(text) > MAX_CONFIG_BYTES:
+            raise ValueError(f"{len(text)} bytes, limit {MAX_CONFIG_BYTES}")
         decoded = text.decode("utf-8")
         _check_events(yaml.parse(decoded, Loader=yaml.SafeLoader))
         _check_duplicates(yaml.compose(decoded, Loader=yaml.SafeLoader))
         return yaml.safe_load(decoded)
     except (yaml.YAMLError, UnicodeDecodeError) as exc:
-        raise ValueError(f"not valid YAML: {exc}") from exc
+        raise ValueError(f"not valid YAML: {exc}; {_PLAIN}") from exc
+    except ValueError as exc:
+        raise ValueError(f"{exc}; {_PLAIN}") from exc
 
 
 def _check_events(events: Iterator[yaml.Event]) -> None:
@@ -144,7 +148,7 @@ def check_model_config(data: Any) -> Iterator[tuple[str, str]]:
     except ValidationError as exc:
         for err in exc.errors():
             key = ".".join(str(p) for p in err["loc"])
-            yield "SH411", f"`{key}`: {err['msg']} (got {err.get('input')!r})"
+            yield "SH411", f"`{key}`: {err['msg']} (got {err.get('input')!r}); {_BOUNDS}"
         return
     yield from _check_handler_section(allowed.get("handler"))
 
@@ -157,4 +161,5 @@ def _check_handler_section(section: Mapping[str, Any] | None) -> Iterator[tuple[
             return
         except ConfigurationError as exc:
             problems.append(f"{kind.__name__}: {exc}")
-    yield "SH411", "`handler:` is valid for no handler kind: " + " | ".join(problems)
+    yield "SH411", "`handler:` is valid for no handler kind (fix the keys the README's Limits " \
+                   "section lists): " + " | ".join(problems)

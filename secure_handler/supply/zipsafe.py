@@ -173,7 +173,7 @@ def _copy_bounded(src: BinaryIO, info: zipfile.ZipInfo, target: Path, limit: int
     if copied != info.file_size or crc != info.CRC:
         raise ZipViewError(
             f"{info.filename!r}: {copied} bytes with CRC {crc:#010x}, the headers say "
-            f"{info.file_size} bytes with CRC {info.CRC:#010x}"
+            f"{info.file_size} bytes with CRC {info.CRC:#010x}; re-create the archive"
         )
     return copied
 
@@ -214,8 +214,9 @@ def _inflate(src: BinaryIO, dst: BinaryIO, info: zipfile.ZipInfo, limit: int) ->
         unread = left + len(inflater.unused_data)
         where = f"{unread} bytes before" if inflater.eof else "after"
         raise ZipViewError(
-            f"{info.filename!r}: its deflate stream ends {where} its compressed size; "
-            "a streaming reader (TorchServe's) would read on from another place"
+            f"{info.filename!r}: its deflate stream ends {where} its compressed size, so "
+            "TorchServe's streaming reader would read other bytes than zipfile; re-create "
+            "the archive with `secure-handler archive`"
         )
     return copied, crc
 
