@@ -35,11 +35,10 @@ from http import HTTPStatus
 from typing import Any, ClassVar
 
 __all__ = [
-    "ERROR_TABLE", "AuditUnavailable", "HeaderFieldsTooLarge", "TooManyConnections",
-    "UpstreamTokenRefused", "AnimatedImage", "BatchError", "BatchLimitExceeded", "ClientError",
+    "ERROR_TABLE", "AnimatedImage", "BatchError", "BatchLimitExceeded", "ClientError",
     "ConfigurationError", "ConnectionFailed", "ConnectionLost", "EmptyBody", "ErrorSpec",
     "Forbidden", "ForbiddenModelSource", "FormEncodedBody", "ImageTooComplex",
-    "ImageTooLarge", "InferenceFailed", "IntegrityError",
+    "HeaderFieldsTooLarge", "ImageTooLarge", "InferenceFailed", "IntegrityError",
     "InvalidBase64", "InvalidContent", "InvalidImage", "InvalidText", "MalformedRequest",
     "MethodNotAllowed", "ModelNotFound", "NotFound", "OutOfMemory", "PayloadTooLarge",
     "RateLimited", "RateLimiterUnavailable", "RequestError", "RequestTimedOut",
@@ -177,7 +176,6 @@ class TooManyInstances(PayloadTooLarge):
 
 class HeaderFieldsTooLarge(RequestError):
     """The request's header section is over the gateway's byte or field-count cap."""
-
     status = 431
     code = "header_fields_too_large"
 
@@ -253,14 +251,6 @@ class RateLimited(RequestError):
     retryable = True
 
 
-class TooManyConnections(RequestError):
-    """This client address (IPv6: its /64) already holds the gateway's cap of open sockets."""
-
-    status = 429
-    code = "too_many_connections"
-    retryable = True
-
-
 class BatchLimitExceeded(RequestError):
     """More rows arrived than `max_batch_size`; the surplus rows are refused, retryable."""
 
@@ -315,19 +305,6 @@ class RateLimiterUnavailable(UnavailableError):
     """The gateway's shared rate limiter (Redis) cannot be reached; it fails closed."""
 
     code = "rate_limiter_unavailable"
-
-
-class AuditUnavailable(UnavailableError):
-    """The gateway's audit log cannot be written; it fails closed (nothing was forwarded)."""
-
-    code = "audit_unavailable"
-
-
-class UpstreamTokenRefused(UnavailableError):
-    """TorchServe confirmed it refused the gateway's token (so the call did not run); the
-    token was renewed and the call is not resent: retry."""
-
-    code = "upstream_token_refused"
 
 
 # --- between a proxy and TorchServe -------------------------------------------------------
