@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from secure_handler.deploy import profiles
 from secure_handler.deploy.audit import audit_file, blocking, format_findings
 from secure_handler.deploy.common import (
     EXIT_FINDINGS,
@@ -64,6 +65,9 @@ def _register_config(sub: argparse._SubParsersAction[Any]) -> None:
     p.add_argument("--response-timeout", type=int, default=60, help="seconds")
     p.add_argument("--job-queue-size", type=int, default=100)
     p.add_argument("--json", action="store_true")
+    p.add_argument("--profile", choices=profiles.PROFILES, default="local",
+                   help="kserve: the deploy/ layout (/mnt/models, loopback ports behind the "
+                        "gateway in the pod); see secure_handler/deploy/profiles.py")
     p.set_defaults(func=run_command(cmd_config))
 
 
@@ -111,6 +115,9 @@ def build_config(args: argparse.Namespace, models: Sequence[StoreModel]) -> dict
                   response_timeout_s=args.response_timeout)
         for m in models
     )
+    if getattr(args, "profile", "local") == "kserve":
+        return profiles.kserve_properties(specs, limits.max_request_bytes,
+                                          args.job_queue_size, args.response_timeout)
     tls = None
     if args.tls_cert or args.tls_key:
         if not (args.tls_cert and args.tls_key):
@@ -142,8 +149,14 @@ def cmd_config(args: argparse.Namespace) -> int:
     header = "Written by `secure-handler config`; check it with `secure-handler audit-config`."
     args.out.write_text(render_properties(props, header), "ascii")
     command = torchserve_command(args.out, store)
-    findings = audit_file(args.out, cmdline=command, environ={},
+    audited = command
+    if args.profile == "kserve":  # the pod's paths and command, with this file as the config
+        store, command = Path(str(profiles.KSERVE_STORE)), profiles.kserve_command()
+        audited = profiles.kserve_command(args.out)
+    findings = audit_file(args.out, cmdline=audited, environ={},
                           model_limits={m.name: m.limits for m in models}, model_store=store)
+    if args.profile == "kserve":
+        findings += profiles.kserve_file_findings(args.out, audited)
     if args.json:
         print_json({"config": str(args.out.resolve()), "properties": props,
                      "command": command, "findings": [f.to_dict() for f in findings]})

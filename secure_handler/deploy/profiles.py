@@ -15,7 +15,7 @@ TorchServe runs, and the audit rules that place adds.
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from pathlib import PurePosixPath
+from pathlib import Path, PurePosixPath
 
 from secure_handler.deploy.audit import AuditContext, ConfigFinding
 from secure_handler.deploy.tsconfig import (
@@ -33,6 +33,8 @@ __all__ = [
     "KSERVE_PORTS",
     "KSERVE_STORE",
     "PROFILES",
+    "kserve_command",
+    "kserve_file_findings",
     "kserve_findings",
     "kserve_properties",
 ]
@@ -58,6 +60,19 @@ def kserve_properties(models: Sequence[ModelSpec],
                                 response_timeout_s=response_timeout_s)
     props["metrics_config"] = IMAGE_METRICS_CONFIG
     return props
+
+
+def kserve_command(config: Path | None = None) -> list[str]:
+    """TorchServe's command in the pod (the manifests' `kserve-container`); `config` stands
+    in for the pod's config path when a local copy is audited."""
+    return ["torchserve", "--start", "--foreground", "--ncs", "--ts-config",
+            str(config or KSERVE_CONFIG), "--model-store", str(KSERVE_STORE)]
+
+
+def kserve_file_findings(path: Path, command: Sequence[str]) -> list[ConfigFinding]:
+    """`kserve_findings` for a written config file (read as TorchServe's Java reads it)."""
+    text = path.read_bytes().decode("latin-1")
+    return kserve_findings(AuditContext.build(text, cmdline=list(command), environ={}))
 
 
 def kserve_findings(ctx: AuditContext) -> list[ConfigFinding]:

@@ -3,6 +3,8 @@ profile's own rules, and each hostile change to it is refused by the rule that n
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from secure_handler.deploy.audit import AuditContext, audit
@@ -60,3 +62,25 @@ def test_token_auth_turned_off_on_the_command_line_is_refused() -> None:
     ctx = context(kserve_properties(MODELS), [*COMMAND, "--disable-token-auth"])
     found = [f for f in kserve_findings(ctx) if f.key == "disable_token_authorization"]
     assert [f.severity for f in found] == ["high"]
+
+
+def test_config_command_writes_the_kserve_profile(tmp_path, capsys) -> None:
+    from support import classifier_mar
+
+    from secure_handler.cli import main
+    from secure_handler.deploy.profiles import kserve_command, kserve_file_findings
+
+    store = tmp_path / "store"
+    classifier_mar(tmp_path, store, "tiny")
+    out = tmp_path / "config.properties"
+    code = main(["config", "--model-store", str(store), "--profile", "kserve", "--out", str(out),
+                 "--json"])
+    assert code == 0
+    text = out.read_text("ascii")
+    assert f"model_store={KSERVE_STORE}\n" in text
+    assert "load_models=tiny=tiny.mar\n" in text
+    assert "inference_address=http://127.0.0.1:8085\n" in text
+    assert kserve_file_findings(out, kserve_command(out)) == []
+    report = json.loads(capsys.readouterr().out)
+    assert report["command"] == kserve_command()
+    assert report["findings"] == []
