@@ -21,6 +21,7 @@ import struct
 import subprocess
 import sys
 import zipfile
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,7 +46,12 @@ from support import LABELS, build_tiny_classifier
 from secure_handler.cli import main
 from secure_handler.deploy.launcher import java_problem
 from secure_handler.serving.loading import DIGESTS_MEMBER
-from secure_handler.supply.zipsafe import ZipLimits, extract_checked
+from secure_handler.supply.zipsafe import (
+    ZipLimits,
+    check_entries,
+    check_local_headers,
+    extract_checked,
+)
 
 pytestmark = pytest.mark.skipif(
     java_problem() is not None or shutil.which("javac") is None,
@@ -332,7 +338,14 @@ def central_view(path: Path) -> dict[str, bytes]:
 
 
 @pytest.fixture(scope="module")
-def outcomes(clean: Clean, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Outcome]:
+def extractor(tmp_path_factory: pytest.TempPathFactory) -> TorchServeExtractor:
+    return TorchServeExtractor(tmp_path_factory.mktemp("java"))
+
+
+@pytest.fixture(scope="module")
+def outcomes(
+    clean: Clean, extractor: TorchServeExtractor, tmp_path_factory: pytest.TempPathFactory
+) -> dict[str, Outcome]:
     """Every archive (hostile and good) through TorchServe's extractor, in one JVM."""
     work = tmp_path_factory.mktemp("views")
     archives: dict[str, Path] = {}
@@ -349,7 +362,7 @@ def outcomes(clean: Clean, tmp_path_factory: pytest.TempPathFactory) -> dict[str
         archives[f"good:archiver-{fmt}"] = real_archiver(export, work / f"src-{fmt}",
                                                          "--archive-format", fmt)
     jobs = [(path, work / "java" / name.replace(":", "-")) for name, path in archives.items()]
-    lines = TorchServeExtractor(work).extract(jobs)
+    lines = extractor.extract(jobs)
     result = {}
     for (name, path), (_, out), line in zip(archives.items(), jobs, lines, strict=True):
         result[name] = Outcome(path, line, tree(out) if out.exists() else {}, central_view(path))
@@ -406,3 +419,47 @@ def test_good_archive_passes_and_java_writes_the_verified_bytes(
         extract_checked(zf, verified, ZipLimits())  # the extraction verify inspects
     assert outcome.java == "OK"
     assert outcome.java_tree == tree(verified) == outcome.central
+
+
+def test_every_header_byte_mutation_is_refused_or_java_writes_the_verified_bytes(
+    clean: Clean, extractor: TorchServeExtractor, tmp_path: Path
+) -> None:
+    """Flip one bit (0x01, then 0x80) of every byte of every local header, the central
+    directory and the end record: each mutant is refused by the container checks, or the
+    extraction `verify` inspects is exactly what TorchServe's extractor writes."""
+    data = clean.mar.read_bytes()
+    with zipfile.ZipFile(clean.mar) as zf:
+        headers = [range(i.header_offset, i.header_offset + 30 + len(i.filename))
+                   for i in zf.infolist()]
+        positions = [p for r in headers for p in r] + list(range(zf.start_dir, len(data)))
+    accepted: list[tuple[Path, Path]] = []
+    for pos in positions:
+        for bit in (0x01, 0x80):
+            mutant = bytearray(data)
+            mutant[pos] ^= bit
+            path = tmp_path / f"m{pos}-{bit}.mar"
+            path.write_bytes(bytes(mutant))
+            verified = container_view(path, tmp_path / f"m{pos}-{bit}-verified")
+            if verified is not None:
+                accepted.append((path, verified))
+    assert 0 < len(accepted) < len(positions)  # both outcomes happen: the check can fail
+    jobs = [(path, path.with_suffix(".java")) for path, _ in accepted]
+    lines = extractor.extract(jobs)
+    diverging = [path.name for (path, verified), (_, java), line in zip(accepted, jobs, lines,
+                                                                         strict=True)
+                 if line != "OK" or tree(java) != tree(verified)]
+    assert diverging == []
+
+
+def container_view(path: Path, dest: Path) -> Path | None:
+    """The extraction `verify` inspects, or None when the container checks refuse."""
+    try:
+        with zipfile.ZipFile(path) as zf:
+            limits = ZipLimits()
+            if check_entries(zf.infolist(), limits, "m") or check_local_headers(path, zf, "m"):
+                return None
+            extract_checked(zf, dest, limits)
+    except (zipfile.BadZipFile, ValueError, EOFError, struct.error, NotImplementedError,
+            zlib.error, OSError):
+        return None
+    return dest
