@@ -277,6 +277,7 @@ _UNSAFE_BY_TYPE: dict[str, frozenset[str]] = {
                               findCaller disabled"""),
     "str": _names("format format_map"),  # "{0.__globals__}".format(f) reads any attribute
     "pydantic.BaseModel": _names("parse_file"),
+    "ts.context.Context": _names("cl_socket"),  # the worker's socket to the frontend (async mode)
 }
 
 

@@ -164,6 +164,8 @@ CASES: dict[str, tuple[str | bytes, set[tuple[str, int]]]] = {
                       {("SH212", 3)}),
     "image-show": ("def f(img):\n    img.show()\n", {("SH212", 2)}),
     "str-format-fields": ("x = '{0.__init__.__globals__}'.format(f)\n", {("SH212", 1)}),
+    "worker-socket": ("class H:\n    def f(self):\n        self.context.cl_socket.sendall(b'x')\n",
+                      {("SH212", 3)}),
     "logger-handlers": ("import logging\nh = logging.getLogger().root.handlers\n",
                         {("SH212", 2)}),
     # SH213: attribute names computed at run time
