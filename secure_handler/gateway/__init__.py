@@ -20,7 +20,7 @@ from secure_handler.gateway.config import (
 from secure_handler.gateway.keys import generate_key, hash_key
 
 if TYPE_CHECKING:
-    from secure_handler.gateway.app import create_app
+    from secure_handler.gateway.server import create_app
 
 __all__ = [
     "GatewayConfig",
@@ -37,7 +37,7 @@ __all__ = [
 
 def __getattr__(name: str) -> Any:
     if name == "create_app":
-        from secure_handler.gateway.app import create_app
+        from secure_handler.gateway.server import create_app
 
         return create_app
     raise AttributeError(name)

@@ -1,17 +1,18 @@
-"""The gateway's ASGI app: `create_app(config)`.
+"""The gateway's gate and its inference and health endpoints (`Gateway`).
 
 Every request goes through the same gate, in this order, and the first refusal answers:
 
-1. the client address's bucket (optional)                                → 429
+1. the client address's bucket (optional; IPv6 by /64)                  → 429
 2. the key (`Authorization: Bearer …`), looked up by hash              → 401
 3. the key's bucket                                                     → 429
 4. the scope (`inference` / `management`), then model and version       → 403
-5. per operation: parameters (400), SSRF (403), content type (415),
+5. per operation: parameters (400), model source (403), content type (415),
    body bytes counted as they arrive (413), slow body (408)
-6. TorchServe, with TorchServe's token; its status and body pass through;
-   unreachable → 502, too slow → 504
+6. management only: the attempt is audited first; no audit line, no call (503)
+7. TorchServe, with TorchServe's token; its status and body pass through, nothing else
+   (no headers, no cookies); unreachable → 502, too slow → 504
 
-Every denial and every management call is appended to the audit log.
+Denials and every management call (attempt and outcome) are appended to the audit log.
 """
 
 from __future__ import annotations
@@ -21,23 +22,17 @@ import contextlib
 import json
 import logging
 import time
-import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field
-
-from starlette.applications import Starlette
-from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from urllib.parse import parse_qsl
 
 from secure_handler.errors import (
     EmptyBody,
     MalformedRequest,
-    MethodNotAllowed,
     PayloadTooLarge,
+    RateLimiterUnavailable,
     RequestTimeout,
     UnsupportedMediaType,
-    UpstreamUnavailable,
     error_body,
 )
 from secure_handler.gateway.audit import AuditLog, AuditRecord
@@ -49,36 +44,63 @@ from secure_handler.gateway.config import (
     RateLimit,
     Scope,
 )
-from secure_handler.gateway.errors import Forbidden, GatewayError, Unauthorized, rate_limited
-from secure_handler.gateway.keys import KeyRing, bearer_token
-from secure_handler.gateway.management import (
-    describe_params,
-    list_params,
-    register_params,
-    scale_params,
+from secure_handler.gateway.errors import (
+    AuditUnavailable,
+    Forbidden,
+    GatewayError,
+    Unauthorized,
+    rate_limited,
 )
-from secure_handler.gateway.ratelimit import RateLimiter, RateLimiterUnavailable, build_limiter
+from secure_handler.gateway.keys import KeyRing, bearer_token
+from secure_handler.gateway.ratelimit import RateLimiter, build_limiter
+from secure_handler.gateway.routing import (
+    Match,
+    Receive,
+    Send,
+    client_bucket,
+    send_bytes,
+)
+from secure_handler.gateway.routing import Scope as AsgiScope
 from secure_handler.gateway.upstream import Upstream, UpstreamResponse
 
-__all__ = ["Gateway", "create_app"]
+__all__ = ["Answer", "Call", "Gateway", "pass_through"]
 
 logger = logging.getLogger(__name__)
+
+#: Headers that decide something here; a request naming one twice is ambiguous and refused.
+_SINGLE = frozenset({"authorization", "content-type", "content-length", "content-encoding"})
+
+
+@dataclass
+class Answer:
+    """What a handler returns: status, body, content type, extra headers."""
+
+    status: int
+    body: bytes
+    content_type: str | None = "application/json"
+    headers: dict[str, str] | None = None
 
 
 @dataclass
 class Call:
-    """What is known about one request so far; filled in as it passes the gate."""
+    """One request as the gate sees it; filled in as it passes."""
 
     action: str
     client: str
-    request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    request_id: str
+    headers: dict[str, str]
+    query: list[tuple[str, str]]
+    receive: Receive
     key: KeyEntry | None = None
     model: str | None = None
     version: str | None = None
+    archive: str | None = None
     upstream_status: int | None = None
 
 
-Handler = Callable[[Request, Call], Awaitable[Response]]
+Handler = Callable[[Call], Awaitable[Answer]]
+#: (code, message) → an error answer's body.
+ErrorBody = Callable[[str, str], bytes]
 
 
 class Gateway:
@@ -89,7 +111,7 @@ class Gateway:
         self.keys = KeyRing(config.keys)
         self.limiter = limiter or build_limiter(config)
         self.upstream = Upstream(config.upstream)
-        self.audit = AuditLog(config.audit_log)
+        self.audit = AuditLog(config.audit_log, config.audit_denials_per_s)
         self._ready: tuple[float, bool] | None = None
 
     async def aclose(self) -> None:
@@ -99,11 +121,12 @@ class Gateway:
 
     # --- the gate ------------------------------------------------------------------------
 
-    async def admit(self, request: Request, call: Call, scope: Scope) -> KeyEntry:
+    async def admit(self, call: Call, scope: Scope) -> KeyEntry:
         """Steps 1-4 of the module docstring, up to (not including) the model check."""
         if self.config.per_client is not None:
-            await self._take(f"addr:{call.client}", self.config.per_client, "client address")
-        key = self.keys.authenticate(bearer_token(request.headers))
+            bucket = f"addr:{client_bucket(call.client)}"
+            await self._take(bucket, self.config.per_client, "client address")
+        key = self.keys.authenticate(bearer_token(call.headers))
         if key is None:
             raise Unauthorized()
         call.key = key
@@ -134,46 +157,76 @@ class Gateway:
 
     # --- running one endpoint -------------------------------------------------------------
 
-    async def run(self, request: Request, action: str, handler: Handler) -> Response:
+    def endpoint(self, handler: Handler,
+                 error_body: ErrorBody | None = None) -> Callable[..., Awaitable[None]]:
+        """The router's endpoint for `handler`; `error_body` renders refusals (code, message)
+        in another shape (the v1/v2 protocol routes)."""
+        async def run(scope: AsgiScope, receive: Receive, send: Send, match: Match) -> None:
+            await self.run(scope, receive, send, match, handler, error_body or _error_json)
+
+        return run
+
+    async def run(self, scope: AsgiScope, receive: Receive, send: Send, match: Match,
+                  handler: Handler, render: ErrorBody) -> None:
         """Run `handler` inside the gate's error handling, audit and structured log."""
-        client = request.client.host if request.client else "unknown"
-        call = Call(action=action, client=client)
-        call.model = request.path_params.get("model")
-        call.version = request.path_params.get("version")
         started = time.perf_counter()
+        client = scope["client"][0] if scope.get("client") else "unknown"
+        call = Call(match.action, client, match.request_id, {}, [], receive,
+                    model=match.params.get("model"), version=match.params.get("version"))
         try:
-            response = await handler(request, call)
+            call.headers = _headers(scope["headers"])
+            call.query = parse_qsl(scope["query_string"].decode("latin-1"),
+                                   keep_blank_values=True)
+            answer = await handler(call)
         except GatewayError as exc:
-            response = JSONResponse(exc.to_body(), exc.status, headers=exc.headers)
-            self._audit(call, exc.status, exc.code)
+            answer = Answer(exc.status, render(exc.code, exc.message), headers=dict(exc.headers))
+            if not isinstance(exc, AuditUnavailable):  # it reported itself on stderr
+                self._audit_outcome(call, exc.status, exc.code)
         except Exception:
             # Never a traceback to the client; the log has it with the request id.
             logger.exception("gateway error", extra={"gateway": {"request_id": call.request_id}})
-            response = JSONResponse(error_body("internal_error", "internal error"), 500)
-            self._audit(call, 500, "internal_error")
+            answer = Answer(500, render("internal_error", "internal error"))
+            self._audit_outcome(call, 500, "internal_error")
         else:
-            if action.startswith("management."):
-                self._audit(call, response.status_code, None)
-        response.headers["X-Request-ID"] = call.request_id
-        self._log(call, response.status_code, time.perf_counter() - started)
-        return response
+            if call.action.startswith("management."):
+                self._audit_outcome(call, answer.status, None)
+        await send_bytes(send, answer.status, answer.body, answer.content_type,
+                         call.request_id, answer.headers)
+        self._log(call, answer.status, time.perf_counter() - started)
 
-    def _audit(self, call: Call, status: int, code: str | None) -> None:
+    def _record(self, call: Call, outcome: str, status: int | None,
+                code: str | None) -> AuditRecord:
+        return AuditRecord(
+            key=call.key.name if call.key else None, client=call.client, action=call.action,
+            model=call.model, version=call.version, outcome=outcome, status=status,
+            code=code, request_id=call.request_id, archive=call.archive,
+        )
+
+    def audit_attempt(self, call: Call) -> None:
+        """The management call about to be forwarded; raises 503 if it cannot be recorded."""
+        self.audit.write(self._record(call, "attempted", None, None))
+
+    def _audit_outcome(self, call: Call, status: int, code: str | None) -> None:
         if status < 400:
             outcome = "allowed"
         elif code in ("upstream_unavailable", "upstream_timeout") or call.upstream_status:
             outcome = "upstream_error" if status >= 500 else "upstream_refused"
+        elif call.action.startswith("health."):
+            return
         else:
             outcome = "denied"
         if outcome == "upstream_error" and not call.action.startswith("management."):
             return  # inference failures are operational, not audit events; they are logged
-        self.audit.write(AuditRecord(
-            key=call.key.name if call.key else None, client=call.client, action=call.action,
-            model=call.model, version=call.version, outcome=outcome, status=status,
-            code=code, request_id=call.request_id,
-        ))
+        record = self._record(call, outcome, status, code)
+        # Floods come from clients without a key, or from a key past its own rate limit.
+        floodable = outcome == "denied" and (call.key is None or status == 429)
+        # The answer is already decided; a failing audit log reports itself on stderr.
+        with contextlib.suppress(GatewayError):
+            self.audit.write(record, floodable=floodable)
 
     def _log(self, call: Call, status: int, seconds: float) -> None:
+        if call.action.startswith("health.") or not logger.isEnabledFor(logging.INFO):
+            return  # probes every few seconds would drown the requests
         logger.info("request", extra={"gateway": {
             "request_id": call.request_id, "action": call.action, "client": call.client,
             "key": call.key.name if call.key else None, "model": call.model,
@@ -183,26 +236,26 @@ class Gateway:
 
     # --- inference ----------------------------------------------------------------------------
 
-    async def predict(self, request: Request, call: Call) -> Response:
-        key = await self.admit(request, call, "inference")
+    async def predict(self, call: Call) -> Answer:
+        key = await self.admit(call, "inference")
         self.check_model(key, call)
-        if request.query_params:
+        if call.query:
             # TorchServe turns query parameters into inputs that take precedence over the body.
             raise MalformedRequest("query parameters are not accepted")
-        content_type = self._content_type(request, call.model or "")
-        body = await self._read_body(request, self.config.body_limit(call.model or ""))
+        content_type = self._content_type(call, call.model or "")
+        body = await self._read_body(call, self.config.body_limit(call.model or ""))
         path = f"/predictions/{call.model}" + (f"/{call.version}" if call.version else "")
         resp = await self.upstream.request(
             "inference", "POST", path, content=body, content_type=content_type
         )
-        return self._pass_through(call, resp)
+        return pass_through(call, resp)
 
-    def _content_type(self, request: Request, model: str) -> str:
-        encoding = request.headers.get("content-encoding", "identity").strip().lower()
+    def _content_type(self, call: Call, model: str) -> str:
+        encoding = call.headers.get("content-encoding", "identity").strip().lower()
         if encoding != "identity":
             # A compressed body would defeat the byte limit (CWE-409).
             raise UnsupportedMediaType("Content-Encoding is not accepted")
-        declared = request.headers.get("content-type", "")
+        declared = call.headers.get("content-type", "")
         media = declared.split(";", 1)[0].strip().lower()
         if media not in self.config.models[model].content_types:
             allowed = ", ".join(self.config.models[model].content_types)
@@ -210,93 +263,35 @@ class Gateway:
             raise UnsupportedMediaType(message)
         return declared
 
-    async def _read_body(self, request: Request, limit: int) -> bytes:
+    async def _read_body(self, call: Call, limit: int) -> bytes:
         """The body, counted chunk by chunk; 413 as soon as it passes `limit`."""
-        declared = request.headers.get("content-length")
+        declared = call.headers.get("content-length")
         if declared is not None and (not declared.isdigit() or int(declared) > limit):
             raise _too_large(limit)
         try:
-            body = await asyncio.wait_for(_collect(request, limit), self.config.body_timeout_s)
+            body = await asyncio.wait_for(_collect(call.receive, limit),
+                                          self.config.body_timeout_s)
         except asyncio.TimeoutError as exc:
             raise RequestTimeout("the body arrived too slowly") from exc
         if not body:
             raise EmptyBody("the request has no body")
         return body
 
-    @staticmethod
-    def _pass_through(call: Call, resp: UpstreamResponse) -> Response:
-        call.upstream_status = resp.status
-        return Response(resp.content, resp.status, media_type=resp.content_type)
-
-    # --- management ---------------------------------------------------------------------------
-
-    async def list_models(self, request: Request, call: Call) -> Response:
-        key = await self.admit(request, call, "management")
-        params = list_params(request.query_params.multi_items())
-        resp = await self.upstream.request("management", "GET", "/models", params=params)
-        call.upstream_status = resp.status
-        if resp.status != 200:
-            return self._pass_through(call, resp)
-        try:
-            data = json.loads(resp.content)
-            granted = {g.name for g in key.models}
-            data["models"] = [m for m in data.get("models", []) if m.get("modelName") in granted]
-        except (ValueError, AttributeError, TypeError) as exc:
-            message = "unexpected answer from TorchServe"
-            raise UpstreamUnavailable(message) from exc
-        return JSONResponse(data)
-
-    async def describe_model(self, request: Request, call: Call) -> Response:
-        key = await self.admit(request, call, "management")
-        self.check_model(key, call)
-        params = describe_params(request.query_params.multi_items())
-        return await self._forward_model(call, "GET", params)
-
-    async def scale_model(self, request: Request, call: Call) -> Response:
-        key = await self.admit(request, call, "management")
-        self.check_model(key, call)
-        params = scale_params(request.query_params.multi_items(), self.config.max_workers)
-        return await self._forward_model(call, "PUT", params)
-
-    async def register_model(self, request: Request, call: Call) -> Response:
-        # For the audit line even when the name is refused (clipped and JSON-escaped there).
-        call.model = request.query_params.get("model_name")
-        key = await self.admit(request, call, "management")
-        name, params = register_params(
-            request.query_params.multi_items(), self.config.model_store, self.config.max_workers
-        )
-        call.model = name
-        self.check_model(key, call)
-        grant = key.grant(name)
-        if grant is not None and grant.versions:
-            # The version comes from inside the archive; only an unrestricted grant may add one.
-            raise Forbidden("registering needs a grant for every version of this model")
-        resp = await self.upstream.request("management", "POST", "/models", params=params)
-        return self._pass_through(call, resp)
-
-    async def refused_operation(self, request: Request, call: Call) -> Response:
-        await self.admit(request, call, "management")
-        raise MethodNotAllowed("this management operation is not offered")
-
-    async def _forward_model(self, call: Call, method: str, params: dict[str, str]) -> Response:
-        path = f"/models/{call.model}" + (f"/{call.version}" if call.version else "")
-        resp = await self.upstream.request("management", method, path, params=params)
-        return self._pass_through(call, resp)
 
     # --- health ---------------------------------------------------------------------------------
 
-    async def healthz(self, request: Request) -> Response:
+    async def healthz(self, call: Call) -> Answer:
         """Liveness: the gateway answers. Says nothing about keys or models."""
-        return JSONResponse({"status": "ok"})
+        return Answer(200, b'{"status":"ok"}')
 
-    async def readyz(self, request: Request) -> Response:
+    async def readyz(self, call: Call) -> Answer:
         """Readiness: TorchServe answers its own `/ping` (cached a second: no key needed here,
         so this must not become a way to flood TorchServe)."""
         now = time.monotonic()
         if self._ready is None or now - self._ready[0] > 1.0:
             self._ready = (now, await self._ping())
         ok = self._ready[1]
-        return JSONResponse({"status": "ready" if ok else "not_ready"}, 200 if ok else 503)
+        return Answer(200 if ok else 503, _json({"status": "ready" if ok else "not_ready"}))
 
     async def _ping(self) -> bool:
         try:
@@ -306,83 +301,45 @@ class Gateway:
         return resp.status == 200
 
 
-async def _collect(request: Request, limit: int) -> bytes:
+def pass_through(call: Call, resp: UpstreamResponse) -> Answer:
+    """TorchServe's status, body and content type, and nothing else of its answer."""
+    call.upstream_status = resp.status
+    return Answer(resp.status, resp.content, resp.content_type)
+
+
+def _headers(raw: list[tuple[bytes, bytes]]) -> dict[str, str]:
+    headers: dict[str, str] = {}
+    for name_b, value_b in raw:
+        name = name_b.decode("latin-1").lower()
+        if name in headers and name in _SINGLE:
+            raise MalformedRequest(f"header {name} given more than once")
+        headers.setdefault(name, value_b.decode("latin-1"))
+    return headers
+
+
+def _json(data: object) -> bytes:
+    return json.dumps(data, separators=(",", ":")).encode()
+
+
+def _error_json(code: str, message: str) -> bytes:
+    return _json(error_body(code, message))
+
+
+async def _collect(receive: Receive, limit: int) -> bytes:
     chunks: list[bytes] = []
     size = 0
-    async for chunk in request.stream():
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise MalformedRequest("the client went away")
+        chunk = message.get("body", b"")
         size += len(chunk)
         if size > limit:
             raise _too_large(limit)
         chunks.append(chunk)
-    return b"".join(chunks)
+        if not message.get("more_body", False):
+            return b"".join(chunks)
 
 
-def _too_large(limit: int) -> GatewayError:
+def _too_large(limit: int) -> PayloadTooLarge:
     return PayloadTooLarge(f"the body is over {limit} bytes")
-
-
-Endpoint = Callable[[Request], Awaitable[Response]]
-
-
-def _endpoint(gateway: Gateway, action: str, handler: Handler) -> Endpoint:
-    async def endpoint(request: Request) -> Response:
-        return await gateway.run(request, action, handler)
-
-    return endpoint
-
-
-def _management_routes(gw: Gateway) -> list[Route]:
-    def ep(action: str, handler: Handler) -> Endpoint:
-        return _endpoint(gw, f"management.{action}", handler)
-
-    refused = gw.refused_operation
-    model_paths = ("/models/{model}", "/models/{model}/{version}")
-    routes = [
-        Route("/models", ep("list", gw.list_models), methods=["GET"]),
-        Route("/models", ep("register", gw.register_model), methods=["POST"]),
-        Route("/models", ep("refused", refused), methods=["PUT", "DELETE", "PATCH"]),
-    ]
-    for path in model_paths:
-        routes += [
-            Route(path, ep("describe", gw.describe_model), methods=["GET"]),
-            Route(path, ep("scale", gw.scale_model), methods=["PUT"]),
-            Route(path, ep("refused", refused), methods=["POST", "DELETE", "PATCH"]),
-        ]
-    return routes
-
-
-async def _not_found(request: Request, exc: Exception) -> Response:
-    return JSONResponse(error_body("not_found", "no such endpoint"), 404)
-
-
-async def _method_not_allowed(request: Request, exc: Exception) -> Response:
-    return JSONResponse(error_body("method_not_allowed", "method not allowed"), 405)
-
-
-def create_app(config: GatewayConfig, limiter: RateLimiter | None = None) -> Starlette:
-    """The ASGI app for `config`; `limiter` overrides the configured backend (tests)."""
-    gw = Gateway(config, limiter)
-
-    @contextlib.asynccontextmanager
-    async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        logger.info("gateway started", extra={"gateway": {"models": sorted(config.models)}})
-        try:
-            yield
-        finally:
-            await gw.aclose()
-            logger.info("gateway stopped")
-
-    predict = _endpoint(gw, "inference.predict", gw.predict)
-    routes = [
-        Route("/healthz", gw.healthz, methods=["GET"]),
-        Route("/readyz", gw.readyz, methods=["GET"]),
-        Route("/predictions/{model}", predict, methods=["POST"]),
-        Route("/predictions/{model}/{version}", predict, methods=["POST"]),
-        *_management_routes(gw),
-    ]
-    app = Starlette(
-        routes=routes, lifespan=lifespan,
-        exception_handlers={404: _not_found, 405: _method_not_allowed},
-    )
-    app.state.gateway = gw
-    return app

@@ -133,22 +133,15 @@ def _run(args: argparse.Namespace) -> int:
     try:
         import uvicorn
 
-        from secure_handler.gateway.app import create_app
+        from secure_handler.gateway.connections import server_config
         from secure_handler.gateway.logs import configure_logging
+        from secure_handler.gateway.server import create_app
     except ImportError as exc:
         print(f"secure-handler gateway needs the [gateway] extra: {exc}", file=sys.stderr)
         return EXIT_USAGE
     configure_logging(args.log_level)
     _warn_if_exposed(config)
-    server = uvicorn.Server(uvicorn.Config(
-        create_app(config), host=config.listen_host, port=config.listen_port, lifespan="on",
-        access_log=False, log_config=None, server_header=False,
-        proxy_headers=bool(config.forwarded_allow_ips),
-        forwarded_allow_ips=list(config.forwarded_allow_ips) or None,
-        timeout_graceful_shutdown=config.shutdown_grace_s, timeout_keep_alive=5,
-        limit_concurrency=config.max_concurrency,
-        ssl_certfile=config.tls_certfile, ssl_keyfile=config.tls_keyfile,
-    ))
+    server = uvicorn.Server(server_config(create_app(config), config))
     _exit_cleanly_on_stop_signals()
     server.run()  # SIGTERM/SIGINT: stop accepting, finish in-flight requests, then lifespan end
     return EXIT_OK

@@ -172,7 +172,21 @@ class GatewayConfig(_Strict):
     #: Ceiling for `initial_workers` / `max_worker` on register and scale.
     max_workers: int = Field(default=4, ge=1, le=256)
     audit_log: Path
+    #: Requests inside the app at once; more get 503 (None: no cap).
     max_concurrency: int | None = Field(default=256, ge=1)
+    # Connection hygiene (connections.py): every socket costs memory and a descriptor.
+    #: A request's whole header section must arrive within this, from its first byte.
+    header_timeout_s: float = Field(default=10.0, gt=0, le=300)
+    #: A connection with no request under way is closed after this (new or kept alive).
+    idle_timeout_s: float = Field(default=5.0, gt=0, le=300)
+    max_header_bytes: int = Field(default=16 * 1024, ge=1024, le=1024 * 1024)
+    max_header_count: int = Field(default=64, ge=8, le=1000)
+    #: Open sockets per client address (IPv6: per /64), and in all.
+    max_connections_per_client: int = Field(default=32, ge=1, le=100_000)
+    max_connections: int = Field(default=1024, ge=1, le=1_000_000)
+    #: Audit lines a second for denials anyone can cause in bulk (no key, or past a key's
+    #: rate limit); past it they are counted into one `audit.denials_suppressed` line.
+    audit_denials_per_s: float = Field(default=20.0, gt=0, le=100_000)
     shutdown_grace_s: int = Field(default=20, ge=1, le=600)
 
     @field_validator("models")

@@ -12,6 +12,7 @@ from secure_handler.errors import (
     ForbiddenModelSource,
     RateLimited,
     SecureHandlerError,
+    ServiceUnavailable,
     Unauthorized,
     UpstreamError,
     UpstreamTimeout,
@@ -19,8 +20,10 @@ from secure_handler.errors import (
 )
 
 __all__ = [
-    "Forbidden", "ForbiddenModelSource", "GatewayError", "RateLimited", "Unauthorized",
-    "UpstreamError", "UpstreamTimeout", "UpstreamUnavailable", "rate_limited",
+    "AuditUnavailable", "Forbidden", "ForbiddenModelSource", "GatewayError", "RateLimited",
+    "Unauthorized",
+    "UpstreamError", "UpstreamTimeout", "UpstreamTokenRefused", "UpstreamUnavailable",
+    "rate_limited",
 ]
 
 #: Everything the gateway renders as a JSON error answer.
@@ -31,3 +34,13 @@ def rate_limited(retry_after: str, what: str) -> RateLimited:
     """429 with `Retry-After`: the key's (or the address's) bucket is empty."""
     return RateLimited(f"rate limit of this {what} reached; retry later",
                        {"Retry-After": retry_after})
+
+
+class AuditUnavailable(ServiceUnavailable):
+    """The audit log cannot be written: the gateway fails closed (503 service_unavailable;
+    nothing was forwarded)."""
+
+
+class UpstreamTokenRefused(ServiceUnavailable):
+    """TorchServe confirmed it refused the gateway's token, so nothing ran; the token was
+    renewed and the call is not resent (503 service_unavailable, retryable)."""

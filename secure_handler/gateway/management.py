@@ -10,6 +10,7 @@ sees it: the URL download of CVE-2023-43654 (SSRF, CWE-918) and path traversal (
 from __future__ import annotations
 
 import re
+import stat
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -70,21 +71,24 @@ def _drop_none(params: dict[str, str | None]) -> dict[str, str]:
 
 
 def store_archive(store: Path, url: str) -> str:
-    """Check that `url` is a plain archive name of a file inside `store`; return it.
+    """Check that `url` is a plain archive name of a regular file inside `store`; return it.
 
-    Raises Forbidden (`forbidden_model_source`) for anything that could leave the store, and
-    ModelNotFound (404) when the name is fine but no such archive exists.
+    Raises Forbidden (`forbidden_model_source`) for anything that could leave the store or
+    stand for another archive, and ModelNotFound (404) when no such archive exists.
     """
     if not _ARCHIVE_RE.fullmatch(url):
         raise ForbiddenModelSource(
             "models are registered by name from the model store; URLs and paths are refused")
-    root = store.resolve()
-    path = (root / url).resolve()
-    # A symlink in the store that points elsewhere is refused too.
-    if path.parent != root:
-        raise ForbiddenModelSource("the archive is not inside the model store")
-    if not path.is_file():
-        raise ModelNotFound(f"no archive {url!r} in the model store")
+    try:
+        info = (store / url).lstat()
+    except FileNotFoundError:
+        raise ModelNotFound(f"no archive {url!r} in the model store") from None
+    except OSError as exc:
+        raise ForbiddenModelSource("the archive cannot be checked") from exc
+    # Not followed: a symlink (to another archive in the store or anywhere else) would load
+    # other weights under this name.
+    if not stat.S_ISREG(info.st_mode):
+        raise ForbiddenModelSource("the archive must be a regular file in the model store")
     return url
 
 
@@ -93,19 +97,23 @@ def register_params(
 ) -> tuple[str, dict[str, str]]:
     """The model name and TorchServe's register parameters, from the client's query.
 
-    The client gives `model_name` (and may repeat it as `url=<name>.mar`); `handler`,
-    `runtime` and every other parameter TorchServe knows are refused.
+    The client gives `model_name`; `url=`, if given, must be exactly `<model_name>.mar` (the
+    archive TorchServe loads is the one the name was granted for). `handler`, `runtime` and
+    every other parameter TorchServe knows are refused.
     """
     allowed = {"model_name", "url", "initial_workers", "batch_size", "max_batch_delay",
                "response_timeout", "synchronous"}
     params = _single(items, allowed)
     if "url" in params:
-        url = params["url"]
-        store_archive(store, url)  # refuse before anything else, whatever model_name says
+        store_archive(store, params["url"])  # refuse before anything else, whatever the name
     name = params.get("model_name") or params.get("url", "").removesuffix(".mar")
     if not _NAME_RE.fullmatch(name):
         raise _bad("model_name must be a plain model name")
-    url = store_archive(store, params.get("url", f"{name}.mar"))
+    url = f"{name}.mar"
+    if params.get("url", url) != url:
+        raise ForbiddenModelSource(
+            f"url must be exactly {url!r}: a name registers only its own archive")
+    store_archive(store, url)
     upstream = _drop_none({
         "url": url,
         "model_name": name,

@@ -23,11 +23,7 @@ from __future__ import annotations
 
 import json
 import time
-from typing import TYPE_CHECKING, Any
-
-from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
+from typing import Any
 
 from secure_handler.errors import (
     MalformedRequest,
@@ -36,11 +32,10 @@ from secure_handler.errors import (
     UnsupportedMediaType,
     UpstreamError,
 )
+from secure_handler.gateway.app import Answer, Call, Gateway
+from secure_handler.gateway.routing import Route
 
-if TYPE_CHECKING:  # app.py imports this module to register the routes
-    from secure_handler.gateway.app import Call, Gateway, Handler
-
-__all__ = ["oip_routes", "protocol_error"]
+__all__ = ["oip_routes", "protocol_body", "protocol_error"]
 
 _JSON = "application/json"
 _READY_CACHE_S = 1.0
@@ -48,11 +43,19 @@ _READY_CACHE_S = 1.0
 _V2_INPUT = {"name": "input-0", "datatype": "BYTES", "shape": [-1]}
 
 
-def protocol_error(status: int, code: str, message: str,
-                   headers: dict[str, str] | None = None) -> JSONResponse:
+def protocol_body(code: str, message: str) -> bytes:
     """The v1/v2 error body (OIP: `{"error": message}`), the stable code in it twice."""
-    body = {"error": f"[{code}] {message}", "code": code}
-    return JSONResponse(body, status, headers=headers)
+    return json.dumps({"error": f"[{code}] {message}", "code": code}).encode()
+
+
+def protocol_error(status: int, code: str, message: str,
+                   headers: dict[str, str] | None = None) -> Answer:
+    """A v1/v2 error answer."""
+    return Answer(status, protocol_body(code, message), _JSON, headers)
+
+
+def _answer(data: object, status: int = 200) -> Answer:
+    return Answer(status, json.dumps(data, separators=(",", ":")).encode(), _JSON)
 
 
 class ProtocolRoutes:
@@ -64,19 +67,19 @@ class ProtocolRoutes:
 
     # --- inference ----------------------------------------------------------------------
 
-    async def infer_v2(self, request: Request, call: Call) -> Response:
-        return await self._infer(request, call, "inputs")
+    async def infer_v2(self, call: Call) -> Answer:
+        return await self._infer(call, "inputs")
 
-    async def predict_v1(self, request: Request, call: Call) -> Response:
-        return await self._infer(request, call, "instances")
+    async def predict_v1(self, call: Call) -> Answer:
+        return await self._infer(call, "instances")
 
-    async def _infer(self, request: Request, call: Call, key_field: str) -> Response:
-        key = await self.gw.admit(request, call, "inference")
+    async def _infer(self, call: Call, key_field: str) -> Answer:
+        key = await self.gw.admit(call, "inference")
         self.gw.check_model(key, call)
-        if request.query_params:
+        if call.query:
             raise MalformedRequest("query parameters are not accepted")
-        _check_json_type(request)
-        body = await self.gw._read_body(request, self.gw.config.body_limit(call.model or ""))
+        _check_json_type(call.headers)
+        body = await self.gw._read_body(call, self.gw.config.body_limit(call.model or ""))
         _check_envelope(body, key_field)
         path = f"/predictions/{call.model}" + (f"/{call.version}" if call.version else "")
         resp = await self.gw.upstream.request("inference", "POST", path, content=body,
@@ -85,23 +88,23 @@ class ProtocolRoutes:
         if resp.status >= 400 and not _is_protocol_error(resp.content):
             # TorchServe's own refusals (queue full, no worker) come in its shape.
             return protocol_error(resp.status, "upstream_error", _upstream_message(resp.content))
-        return Response(resp.content, resp.status, media_type=resp.content_type or _JSON)
+        return Answer(resp.status, resp.content, resp.content_type or _JSON)
 
     # --- health and metadata ------------------------------------------------------------
 
-    async def live(self, request: Request) -> Response:
-        return JSONResponse({"live": True})
+    async def live(self, call: Call) -> Answer:
+        return _answer({"live": True})
 
-    async def alive_v1(self, request: Request) -> Response:
+    async def alive_v1(self, call: Call) -> Answer:
         """KServe v1 liveness (`GET /`), what KServe's own model server answers."""
-        return JSONResponse({"status": "alive"})
+        return _answer({"status": "alive"})
 
-    async def ready(self, request: Request) -> Response:
+    async def ready(self, call: Call) -> Answer:
         now = time.monotonic()
         if self._ready is None or now - self._ready[0] > _READY_CACHE_S:
             self._ready = (now, await self._all_ready())
         ok = self._ready[1]
-        return JSONResponse({"ready": ok}, 200 if ok else 503)
+        return _answer({"ready": ok}, 200 if ok else 503)
 
     async def _all_ready(self) -> bool:
         try:
@@ -132,34 +135,34 @@ class ProtocolRoutes:
             return False, []
         return ready, versions
 
-    async def model_metadata(self, request: Request, call: Call) -> Response:
-        await self._admit_model(request, call)
+    async def model_metadata(self, call: Call) -> Answer:
+        await self._admit_model(call)
         ready, versions = await self._model_status(call.model or "", call.version)
         if not versions:
             raise ModelNotFound("TorchServe has no such model version")
-        return JSONResponse({"name": call.model, "versions": versions,
-                             "platform": "pytorch_torchscript", "inputs": [_V2_INPUT],
-                             "outputs": []})
+        return _answer({"name": call.model, "versions": versions,
+                        "platform": "pytorch_torchscript", "inputs": [_V2_INPUT],
+                        "outputs": []})
 
-    async def model_ready(self, request: Request, call: Call) -> Response:
-        await self._admit_model(request, call)
+    async def model_ready(self, call: Call) -> Answer:
+        await self._admit_model(call)
         ready, _ = await self._model_status(call.model or "", call.version)
-        return JSONResponse({"name": call.model, "ready": ready}, 200 if ready else 503)
+        return _answer({"name": call.model, "ready": ready}, 200 if ready else 503)
 
-    async def _admit_model(self, request: Request, call: Call) -> None:
-        key = await self.gw.admit(request, call, "inference")
+    async def _admit_model(self, call: Call) -> None:
+        key = await self.gw.admit(call, "inference")
         self.gw.check_model(key, call)
 
 
-def _check_json_type(request: Request) -> None:
-    encoding = request.headers.get("content-encoding", "identity").strip().lower()
+def _check_json_type(headers: dict[str, str]) -> None:
+    encoding = headers.get("content-encoding", "identity").strip().lower()
     if encoding != "identity":
         raise UnsupportedMediaType("Content-Encoding is not accepted")
-    media = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+    media = headers.get("content-type", "").split(";", 1)[0].strip().lower()
     if media not in ("", _JSON):
         raise UnsupportedMediaType(
             "v1/v2 bodies are JSON: send application/json (or no content type)")
-    if "inference-header-content-length" in request.headers:
+    if "inference-header-content-length" in headers:
         raise UnsupportedMediaType(
             "the binary tensor extension is not supported; send JSON data")
 
@@ -193,47 +196,28 @@ def _upstream_message(content: bytes) -> str:
     return str(message or "TorchServe refused the request")[:300]
 
 
-def _in_protocol_shape(response: Response) -> Response:
-    """A gateway refusal (`{"error": {"code", "message"}}`) re-shaped for OIP clients."""
-    if response.status_code < 400:
-        return response
-    try:
-        error = json.loads(bytes(response.body)).get("error")
-    except (ValueError, AttributeError):
-        return response
-    if not isinstance(error, dict):
-        return response
-    shaped = protocol_error(response.status_code, str(error.get("code")),
-                            str(error.get("message")))
-    for name in ("www-authenticate", "retry-after", "x-request-id"):
-        if name in response.headers:
-            shaped.headers[name] = response.headers[name]
-    return shaped
-
-
 def oip_routes(gw: Gateway) -> list[Route]:
-    """The v1/v2 routes, to add to the gateway's app (`create_app`)."""
+    """The v1/v2 routes, to add to the gateway's routes (`app._routes`); the gateway's own
+    refusals on them are rendered in the protocols' error shape (`protocol_body`)."""
     routes = ProtocolRoutes(gw)
 
-    def ep(action: str, handler: Handler) -> Any:
-        async def endpoint(request: Request) -> Response:
-            return _in_protocol_shape(await gw.run(request, action, handler))
-        return endpoint
+    def ep(action: str, handler: Any) -> tuple[str, Any]:
+        return action, gw.endpoint(handler, error_body=protocol_body)
 
-    infer = ep("inference.oip_v2", routes.infer_v2)
-    metadata = ep("inference.metadata", routes.model_metadata)
-    ready = ep("inference.ready", routes.model_ready)
+    infer = {"POST": ep("inference.oip_v2", routes.infer_v2)}
+    metadata = {"GET": ep("inference.metadata", routes.model_metadata)}
+    ready = {"GET": ep("inference.ready", routes.model_ready)}
     return [
-        Route("/", routes.alive_v1, methods=["GET"]),
-        Route("/v2/health/live", routes.live, methods=["GET"]),
-        Route("/v2/health/ready", routes.ready, methods=["GET"]),
-        Route("/v2/models/{model}/infer", infer, methods=["POST"]),
-        Route("/v2/models/{model}/versions/{version}/infer", infer, methods=["POST"]),
-        Route("/v2/models/{model}", metadata, methods=["GET"]),
-        Route("/v2/models/{model}/versions/{version}", metadata, methods=["GET"]),
-        Route("/v2/models/{model}/ready", ready, methods=["GET"]),
-        Route("/v2/models/{model}/versions/{version}/ready", ready, methods=["GET"]),
-        Route("/v1/models/{model}:predict", ep("inference.kserve_v1", routes.predict_v1),
-              methods=["POST"]),
-        Route("/v1/models/{model}", ready, methods=["GET"]),
+        Route("/", {"GET": ep("health.kserve_v1", routes.alive_v1)}),
+        Route("/v2/health/live", {"GET": ep("health.oip_live", routes.live)}),
+        Route("/v2/health/ready", {"GET": ep("health.oip_ready", routes.ready)}),
+        Route("/v2/models/{model}/infer", infer),
+        Route("/v2/models/{model}/versions/{version}/infer", infer),
+        Route("/v2/models/{model}", metadata),
+        Route("/v2/models/{model}/versions/{version}", metadata),
+        Route("/v2/models/{model}/ready", ready),
+        Route("/v2/models/{model}/versions/{version}/ready", ready),
+        Route("/v1/models/{model}:predict",
+              {"POST": ep("inference.kserve_v1", routes.predict_v1)}),
+        Route("/v1/models/{model}", ready),
     ]

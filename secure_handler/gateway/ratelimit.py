@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import threading
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -49,13 +50,22 @@ class RateLimiter(Protocol):
 
 
 class MemoryRateLimiter:
-    """Buckets in a dict: exact for one process, not shared."""
+    """Buckets in an insertion-ordered dict, least recently used first: exact for one process,
+    not shared, and O(1) per request whatever the number of buckets.
+
+    Memory is bounded: each request drops up to two of the least recently used buckets that
+    are full again (a full bucket is the same as no bucket, so no decision changes), and past
+    `max_buckets` the least recently used bucket goes whatever its state (CWE-770: a flood of
+    fresh client addresses must not grow the gateway). That forced eviction can forgive a
+    long-idle client part of its debt, never more than one bucket per new bucket.
+    """
 
     def __init__(self, max_buckets: int = 100_000) -> None:
-        # bucket → (tokens, updated at, full again at)
-        self._buckets: dict[str, tuple[float, float, float]] = {}
+        # bucket → (tokens, updated at, full again at); order = least recently used first
+        self._buckets: OrderedDict[str, tuple[float, float, float]] = OrderedDict()
         self._lock = threading.Lock()
         self._max_buckets = max_buckets
+        self.evicted_early = 0  # buckets dropped before they were full again
 
     async def hit(self, bucket: str, limit: RateLimit) -> Decision:
         return self.take(bucket, limit, time.monotonic())
@@ -63,25 +73,31 @@ class MemoryRateLimiter:
     def take(self, bucket: str, limit: RateLimit, now: float) -> Decision:
         """The synchronous step, with the clock passed in (`hit` uses the monotonic clock)."""
         with self._lock:
-            tokens, at, _ = self._buckets.get(bucket, (float(limit.burst), now, now))
+            state = self._buckets.pop(bucket, None)
+            tokens, at, _ = state if state is not None else (float(limit.burst), now, now)
             tokens = min(float(limit.burst), tokens + max(0.0, now - at) * limit.per_second)
             allowed = tokens >= 1.0
             if allowed:
                 tokens -= 1.0
             full_at = now + (limit.burst - tokens) / limit.per_second
-            self._buckets[bucket] = (tokens, now, full_at)
-            if len(self._buckets) > self._max_buckets:
-                self._prune(now)
+            self._buckets[bucket] = (tokens, now, full_at)  # now the most recently used
+            self._evict(now)
         if allowed:
             return Decision(True)
         return Decision(False, (1.0 - tokens) / limit.per_second)
 
-    def _prune(self, now: float) -> None:
-        # Per-address buckets could otherwise grow without bound (CWE-770). A bucket that is
-        # full again is the same as no bucket, so dropping it changes no decision.
-        for name, (_, _, full_at) in list(self._buckets.items()):
-            if full_at <= now:
-                del self._buckets[name]
+    def _evict(self, now: float) -> None:
+        for _ in range(2):
+            oldest = next(iter(self._buckets))
+            if self._buckets[oldest][2] > now:
+                break
+            del self._buckets[oldest]
+        while len(self._buckets) > self._max_buckets:
+            self._buckets.popitem(last=False)
+            self.evicted_early += 1
+
+    def __len__(self) -> int:
+        return len(self._buckets)
 
     async def aclose(self) -> None:
         return None

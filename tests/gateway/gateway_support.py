@@ -70,16 +70,16 @@ MakeConfig = Callable[..., GatewayConfig]
 
 @contextmanager
 def serve_gateway(config: GatewayConfig) -> Iterator[str]:
-    """The gateway under a real uvicorn (in a thread) on a free loopback port."""
+    """The gateway under a real uvicorn (in a thread) on a free loopback port, with the
+    connection guard and settings of `secure-handler gateway` (connections.server_config)."""
     import uvicorn
 
     from secure_handler.gateway import create_app
+    from secure_handler.gateway.connections import server_config
 
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(
-        create_app(config), host="127.0.0.1", port=port, lifespan="on", access_log=False,
-        log_config=None, timeout_graceful_shutdown=5,
-    ))
+    server = uvicorn.Server(server_config(
+        create_app(config), config, host="127.0.0.1", port=port, timeout_graceful_shutdown=5))
     thread = threading.Thread(target=server.run, name=f"gateway-{port}", daemon=True)
     thread.start()
     try:

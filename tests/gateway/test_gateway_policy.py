@@ -265,14 +265,29 @@ def test_memory_bucket_burst_then_refill() -> None:
     assert limiter.take("other", limit, now=100.5).allowed  # buckets are independent
 
 
-def test_memory_buckets_are_pruned_only_when_full_again() -> None:
+def test_memory_buckets_refilled_ones_go_first_and_the_count_is_bounded() -> None:
     limiter, limit = MemoryRateLimiter(max_buckets=10), RateLimit(per_second=1, burst=2)
     for i in range(10):
         limiter.take(f"addr:{i}", limit, now=0.0)
-    limiter.take("addr:new", limit, now=0.5)  # 11 buckets, none full yet: nothing dropped
-    assert len(limiter._buckets) == 11
-    limiter.take("addr:newer", limit, now=5.0)  # now all the old ones are full again
-    assert set(limiter._buckets) == {"addr:newer"}
+    limiter.take("addr:new", limit, now=0.5)  # 11 buckets, none full again: the oldest goes
+    assert len(limiter) == 10
+    assert limiter.evicted_early == 1
+    # Every request drops up to two of the least recently used buckets that are full again.
+    limiter.take("addr:newer", limit, now=5.0)
+    assert len(limiter) == 9
+    assert limiter.evicted_early == 1
+
+
+def test_memory_limiter_stays_bounded_under_a_flood_of_addresses() -> None:
+    limiter, limit = MemoryRateLimiter(max_buckets=1000), RateLimit(per_second=0.001, burst=1)
+    for i in range(50_000):  # fresh addresses, none ever refilled
+        limiter.take(f"addr:{i}", limit, now=float(i) / 1000)
+        assert len(limiter) <= 1000
+    # A client seen recently keeps its (empty) bucket across the churn of others.
+    limiter.take("addr:recent", limit, now=60.0)
+    for i in range(500):
+        limiter.take(f"addr:late-{i}", limit, now=60.0)
+    assert not limiter.take("addr:recent", limit, now=60.0).allowed
 
 
 # --- the audit log file ---------------------------------------------------------------------

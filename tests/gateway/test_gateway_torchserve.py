@@ -19,6 +19,7 @@ from support import image_bytes
 from secure_handler.deploy.launcher import free_port
 from secure_handler.gateway.config import GatewayConfig, RateLimit
 from secure_handler.gateway.keys import generate_key, hash_key
+from secure_handler.gateway.tokens import TokenSource
 
 pytestmark = pytest.mark.integration
 
@@ -258,11 +259,14 @@ def test_management_allowlisted_operations(
         httpx.post(url + "/models/tiny", headers=ops),
     ]
     assert [r.status_code for r in refused] == [400, 400, 405, 405]
-    actions = [(a["action"], a["status"]) for a in audit_lines(config)]
+    # A forwarded call is audited as attempted before it goes, then with its outcome.
+    actions = [(a["action"], a["outcome"], a["status"]) for a in audit_lines(config)]
     assert actions == [
-        ("management.list", 200), ("management.describe", 200), ("management.scale", 200),
-        ("management.describe", 400), ("management.scale", 400),
-        ("management.refused", 405), ("management.refused", 405),
+        ("management.list", "attempted", None), ("management.list", "allowed", 200),
+        ("management.describe", "attempted", None), ("management.describe", "allowed", 200),
+        ("management.scale", "attempted", None), ("management.scale", "allowed", 200),
+        ("management.describe", "denied", 400), ("management.scale", "denied", 400),
+        ("management.refused", "denied", 405), ("management.refused", "denied", 405),
     ]
 
 
@@ -329,9 +333,11 @@ def test_register_by_name_from_the_store(
     described = httpx.get(url + "/models/spare", headers=ops)
     assert described.status_code == 200
     assert described.json()[0]["modelUrl"] == "spare.mar"
-    [line] = [a for a in audit_lines(config) if a["action"] == "management.register"]
-    assert line["model"] == "spare"
-    assert line["key"] == "ops"
+    lines = [a for a in audit_lines(config) if a["action"] == "management.register"]
+    assert [a["outcome"] for a in lines] == ["attempted", "allowed" if resp.status_code == 200
+                                            else "upstream_refused"]
+    assert {(a["model"], a["key"], a["request_id"]) for a in lines} == {
+        ("spare", "ops", resp.headers["x-request-id"])}
 
 
 # --- audit log ------------------------------------------------------------------------------
@@ -349,15 +355,18 @@ def test_audit_lines_are_complete_and_free_of_secrets(
                    headers=bearer(keys.plain["ops"])),
     ]
     lines = audit_lines(config)
-    assert [a["request_id"] for a in lines] == [r.headers["x-request-id"] for r in ids]
+    expected_ids = [r.headers["x-request-id"] for r in ids]
+    expected_ids.insert(2, expected_ids[2])  # the list call: attempted, then its outcome
+    assert [a["request_id"] for a in lines] == expected_ids
     fields = {"time", "key", "client", "action", "model", "version", "outcome", "status",
-              "code", "request_id"}
+              "code", "request_id", "archive"}
     for line in lines:
         assert set(line) == fields
         assert line["client"] == "127.0.0.1"
     assert [(a["key"], a["action"], a["outcome"], a["status"]) for a in lines] == [
         (None, "inference.predict", "denied", 401),
         ("ops", "inference.predict", "denied", 403),
+        ("ops", "management.list", "attempted", None),
         ("ops", "management.list", "allowed", 200),
         ("ops", "management.register", "denied", 403),
     ]
@@ -412,6 +421,11 @@ def test_token_near_expiry_is_rotated_by_the_gateway(
         "management_url": torchserve.info.management_url,
         "key_file": str(torchserve.key_file), "token_refresh_margin_s": 10 ** 7})
     old = json.loads(torchserve.key_file.read_text())["inference"]["key"]
+    # Rotation happens at most once per interval across processes, counted from the key
+    # file's last change: an earlier test may just have rotated.
+    interval = TokenSource.MIN_ROTATION_INTERVAL_S
+    while time.time() - torchserve.key_file.stat().st_mtime < interval:
+        time.sleep(0.2)
     with serve_gateway(config) as url:
         resp = httpx.post(url + "/predictions/tiny", content=image_bytes("red"),
                           headers={**bearer(keys.plain["infer"]), **JPEG})
