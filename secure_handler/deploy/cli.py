@@ -53,6 +53,9 @@ def _register_audit(sub: argparse._SubParsersAction[Any]) -> None:
                    help="store to read handler limits from (default: from the config)")
     p.add_argument("--no-env", action="store_true",
                    help="skip the checks of this shell's environment")
+    p.add_argument("--gateway-config", type=Path, metavar="GATEWAY_YAML",
+                   help="the secure-handler gateway in front of this server; only then may "
+                   "enable_model_api=true pass (management on loopback, same port and store)")
     out = p.add_mutually_exclusive_group()
     out.add_argument("--json", action="store_true")
     out.add_argument("--markdown", action="store_true", help="print a Markdown table")
@@ -68,6 +71,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
     findings = audit_file(
         args.config, cmdline=args.cmdline, environ=None if args.no_env else dict(os.environ),
         limits=limits, model_limits=store_limits(store), model_store=store,
+        gateway_config=args.gateway_config,
     )
     _report(findings, args)
     return EXIT_FINDINGS if blocking(findings) else EXIT_OK

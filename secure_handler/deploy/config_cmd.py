@@ -64,6 +64,11 @@ def _register_config(sub: argparse._SubParsersAction[Any]) -> None:
     p.add_argument("--max-batch-delay-ms", type=int, default=5)
     p.add_argument("--response-timeout", type=int, default=60, help="seconds")
     p.add_argument("--job-queue-size", type=int, default=100)
+    p.add_argument("--enable-model-api", action="store_true",
+                   help="turn register/unregister on, for the gateway's register path "
+                   "(needs --gateway-config)")
+    p.add_argument("--gateway-config", type=Path, metavar="GATEWAY_YAML",
+                   help="the gateway in front of this server (audited with the config)")
     p.add_argument("--json", action="store_true")
     p.add_argument("--profile", choices=profiles.PROFILES, default="local",
                    help="kserve: the deploy/ layout (/mnt/models, loopback ports behind the "
@@ -129,6 +134,7 @@ def build_config(args: argparse.Namespace, models: Sequence[StoreModel]) -> dict
     return hardened_properties(
         args.model_store, _ports(args.free_ports), specs, limits.max_request_bytes,
         args.job_queue_size, bind=args.bind, tls=tls, response_timeout_s=args.response_timeout,
+        enable_model_api=args.enable_model_api,
     )
 
 
@@ -144,6 +150,8 @@ def cmd_config(args: argparse.Namespace) -> int:
         raise UsageError(f"{store}: not a directory")
     if not is_loopback(args.bind) and not (args.tls_cert and args.tls_key):
         raise UsageError(f"--bind {args.bind} is not loopback: give --tls-cert and --tls-key")
+    if args.enable_model_api and args.gateway_config is None:
+        raise UsageError("--enable-model-api needs --gateway-config (the gateway in front)")
     models = _store_models(store, args.model)
     props = build_config(args, models)
     header = "Written by `secure-handler config`; check it with `secure-handler audit-config`."
@@ -154,7 +162,8 @@ def cmd_config(args: argparse.Namespace) -> int:
         store, command = Path(str(profiles.KSERVE_STORE)), profiles.kserve_command()
         audited = profiles.kserve_command(args.out)
     findings = audit_file(args.out, cmdline=audited, environ={},
-                          model_limits={m.name: m.limits for m in models}, model_store=store)
+                          model_limits={m.name: m.limits for m in models}, model_store=store,
+                          gateway_config=args.gateway_config)
     if args.profile == "kserve":
         findings += profiles.kserve_file_findings(args.out, audited)
     if args.json:

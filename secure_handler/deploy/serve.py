@@ -116,6 +116,9 @@ def _register_serve(sub: argparse._SubParsersAction[Any]) -> None:
     p.add_argument("--free-ports", action="store_true",
                    help="generated config: pick unused loopback ports")
     p.add_argument("--timeout", type=float, default=180.0, help="seconds to wait for READY")
+    p.add_argument("--gateway-config", type=Path, metavar="GATEWAY_YAML",
+                   help="the gateway in front of this server; lets a config with "
+                   "enable_model_api=true pass the audit")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=run_command(cmd_serve))
 
@@ -202,7 +205,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     config = args.config.resolve() if args.config else _generate_config(args, workdir, lock)
     server = TorchServe(config, store, workdir, env=_server_env(lock))
     findings = audit_file(config, cmdline=server.command(), environ=server.environment(),
-                          model_limits=store_limits(store), model_store=store)
+                          model_limits=store_limits(store), model_store=store,
+                          gateway_config=args.gateway_config)
     if blocking(findings):
         print(f"refusing to start with {config}:", file=sys.stderr)
         print(format_findings(findings), file=sys.stderr)
