@@ -101,6 +101,8 @@ class _Judge:
                 self.hit("SH003", node, f"`{what}` is syntax the scan does not allow")
         elif isinstance(node, ast.Name):
             self._name(node, node.id, isinstance(node.ctx, ast.Load))
+            if not isinstance(node.ctx, ast.Load) and self._in_class_body(node):
+                self._class_attribute(node)
         elif isinstance(node, ast.Attribute):
             self._attribute(node, node.value, node.attr)
         elif isinstance(node, ast.Call):
@@ -240,6 +242,18 @@ class _Judge:
         elif in_class and name.startswith("_") and not R.is_dunder(name):
             self.hit("SH211", node, f"defines the private method `{name}` (it can override "
                      "the library's own)")  # fmt: skip
+
+    def _in_class_body(self, node: ast.AST) -> bool:
+        statement = self.parents.get(id(node))
+        while statement is not None and not isinstance(statement, ast.stmt):
+            statement = self.parents.get(id(statement))
+        return statement is not None and isinstance(self.parents.get(id(statement)), ast.ClassDef)
+
+    def _class_attribute(self, node: ast.Name) -> None:
+        """A private class attribute would override the library's own (`_pool = None`)."""
+        if node.id.startswith("_") and not R.is_dunder(node.id) and node.id != "_":
+            self.hit("SH211", node, f"defines the private class attribute `{node.id}` (it can "
+                     "override the library's own)")  # fmt: skip
 
     def _bases(self, node: ast.ClassDef) -> None:
         metaclass = [k.value for k in node.keywords if k.arg == "metaclass"]

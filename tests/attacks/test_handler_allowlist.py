@@ -149,6 +149,7 @@ CASES: dict[str, tuple[str | bytes, set[tuple[str, int]]]] = {
                             {("SH211", 3)}),
     "override-private": ("class H:\n    def _load_model(self, d):\n        return None\n",
                          {("SH211", 2)}),
+    "private-class-attribute": ("class H:\n    _pool = None\n", {("SH211", 2)}),
     "define-getattribute": ("class H:\n    def __getattribute__(self, n):\n        return 1\n",
                             {("SH211", 2)}),
     "fstring-reflection": ("x = f'{(1).__class__}'\n", {("SH211", 1)}),
