@@ -74,14 +74,13 @@ class _Judge:
         self.tree, self.member, self.context = tree, member, context
         self.specs = R.allowed_module_names()
         self.refused_attrs = R.refused_value_attributes()
-        self.hits: list[tuple[str, ast.AST, str]] = []
+        self.hits: list[Hit] = []
         self.parents: dict[int, ast.AST] = {}
         self.bound: dict[str, _Bound] = {}
         self.classes = class_names(tree)
 
     def hit(self, rule: str, node: ast.AST, message: str) -> None:
         self.hits.append((rule, node, f"{message}; fix: {FIX[rule]}"))
-
 
     def run(self) -> None:
         for node in ast.walk(self.tree):
@@ -100,7 +99,7 @@ class _Judge:
                 what = type(node).__name__
                 self.hit("SH003", node, f"`{what}` is syntax the scan does not allow")
         elif isinstance(node, ast.Name):
-            self._name(node, node.id, isinstance(node.ctx, ast.Load))
+            self._name(node, node.id)
             if not isinstance(node.ctx, ast.Load) and self._in_class_body(node):
                 self._class_attribute(node)
         elif isinstance(node, ast.Attribute):
@@ -108,13 +107,13 @@ class _Judge:
         elif isinstance(node, ast.Call):
             self._call(node)
         elif isinstance(node, ast.arg):
-            self._name(node, node.arg, load=False)
+            self._name(node, node.arg)
         elif isinstance(node, (ast.FunctionDef, ast.ClassDef)):
             self._definition(node)
             if isinstance(node, ast.ClassDef):
                 self._bases(node)
         elif isinstance(node, ast.ExceptHandler) and node.name:
-            self._name(node, node.name, load=False)
+            self._name(node, node.name)
 
     # --- imports ----------------------------------------------------------------------------
 
@@ -193,7 +192,8 @@ class _Judge:
 
     # --- names ------------------------------------------------------------------------------
 
-    def _name(self, node: ast.AST, name: str, load: bool) -> None:
+    def _name(self, node: ast.AST, name: str) -> None:
+        """Any occurrence of a name (load, store, parameter, definition, `except ... as`)."""
         if name in _FORBIDDEN_BUILTINS:
             self.hit("SH210", node, f"`{name}` is a builtin that is not allowed (it runs "
                      "code, reads or writes files, or reaches any object by name)")  # fmt: skip
@@ -235,7 +235,7 @@ class _Judge:
     def _definition(self, node: ast.FunctionDef | ast.ClassDef) -> None:
         name = node.name
         if not R.is_dunder(name):
-            self._name(node, name, load=False)
+            self._name(node, name)
         in_class = isinstance(self.parents.get(id(node)), ast.ClassDef)
         if R.is_dunder(name) and name not in R.ALLOWED_DUNDER_DEFS:
             self.hit("SH211", node, f"defines `{name}`, which changes how the library sees it")
