@@ -419,6 +419,29 @@ def test_self_waiver_comment_is_ignored_by_archive_verify_and_lock(
     assert not (tmp_path / "models.lock").exists()
 
 
+def test_serve_refuses_a_self_waivered_handler_even_when_the_lock_pins_it(
+    tmp_path: Path, src: tuple[Path, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`serve` accepted the archive's own waiver too: with a lock written by hand that pins
+    the exact archive, it still refuses before TorchServe starts."""
+    from secure_handler.supply.verify import LOCK_FORMAT, render_lock, verify_mar
+
+    handler = tmp_path / "handler.py"
+    handler.write_text(SAVING_HANDLER)
+    store = tmp_path / "store"
+    mar = archive_mar(store, "h", src[0], handler, [src[1]])
+    lock = tmp_path / "models.lock"
+    lock.write_text(render_lock({"format": LOCK_FORMAT, "models": [verify_mar(mar).lock_entry()]}))
+    capsys.readouterr()
+    argv = ["serve", "--model-store", str(store), "--lock", str(lock),
+            "--state", str(tmp_path / "state.json")]  # fmt: skip
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert "refusing to serve" in err
+    assert "h.mar!handler.py:6: SH212" in err
+    assert not (tmp_path / "state.json").exists()
+
+
 def test_operator_policy_waiver_is_recorded_in_the_lock_and_required_by_verify(
     tmp_path: Path, src: tuple[Path, Path], capsys: pytest.CaptureFixture[str]
 ) -> None:
