@@ -33,6 +33,7 @@ __all__ = ["MAX_CONFIG_BYTES", "WorkerSettings", "check_model_config", "read_mod
 MAX_CONFIG_BYTES = 64 * 1024
 _MAX_EVENTS = 5000
 _MAX_DEPTH = 8
+_ASCII_WHITESPACE = frozenset(b"\t\n\r")
 
 _HANDLER_KINDS = (ImageClassifierLimits, TextClassifierLimits, ObjectDetectorLimits)
 
@@ -86,6 +87,11 @@ def read_model_config(text: bytes) -> Any:
     try:
         if len(text) > MAX_CONFIG_BYTES:
             raise ValueError(f"{len(text)} bytes, limit {MAX_CONFIG_BYTES}")
+        # Printable ASCII only: YAML 1.1 breaks lines at NEL, U+2028 and U+2029 and readers
+        # differ on encodings and BOMs; `\uXXXX` escapes in double quotes read the same in both.
+        if any(b > 0x7E or (b < 0x20 and b not in _ASCII_WHITESPACE) for b in text):
+            raise ValueError("not printable ASCII (write other characters as \\uXXXX escapes "
+                             "inside double quotes)")
         decoded = text.decode("utf-8")
         _check_events(yaml.parse(decoded, Loader=yaml.SafeLoader))
         _check_duplicates(yaml.compose(decoded, Loader=yaml.SafeLoader))
