@@ -10,15 +10,20 @@ and nothing else; `archive` refuses the same config before building.
 from __future__ import annotations
 
 import json
+import shutil
+import subprocess
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
+import ts
 import yaml
 from support import LABELS, archive_mar, build_tiny_classifier, write_image_handler
 
 from secure_handler.cli import main
+from secure_handler.deploy.launcher import java_problem
 from secure_handler.supply.modelconfig import check_model_config, read_model_config
 
 CONFIG = "plain-model-config.yaml"  # the name archive_mar gives the config member
@@ -137,3 +142,94 @@ def test_archive_refuses_the_config_before_building(
 def test_the_shipped_example_configs_pass(example: str) -> None:
     path = Path(__file__).parents[2] / "examples" / example / "model-config.yaml"
     assert list(check_model_config(read_model_config(path.read_bytes()))) == []
+
+
+# --- the parser that acts: TorchServe's own reader of model-config.yaml (SnakeYAML) --------
+
+JAVA_READER = """
+import java.io.File;
+import java.util.Map;
+import java.util.TreeSet;
+import org.pytorch.serve.archive.utils.ArchiveUtils;
+
+public final class ReadModelConfig {
+    public static void main(String[] args) {
+        for (String path : args) {
+            try {
+                Map<String, Object> config = ArchiveUtils.readYamlFile(new File(path));
+                TreeSet<String> keys = new TreeSet<>();
+                for (Object key : config.keySet()) {
+                    keys.add(String.valueOf(key));
+                }
+                System.out.println("KEYS " + String.join(",", keys));
+            } catch (Exception e) {
+                System.out.println("ERR " + e.getClass().getName());
+            }
+        }
+    }
+}
+"""
+
+#: Spellings two YAML readers might split differently; each must be refused or read alike.
+DIFFERENTIAL = {
+    "merge-key": "batchSize: 1\n<<: {parallelType: pp}\n",
+    "crlf": "batchSize: 1\r\nparallelType: pp\r\n",
+    "bare-cr": "batchSize: 1\rparallelType: pp\n",
+    "tab-after-colon": "batchSize:\t1\n",
+    "quoted-key": "'parallelType': pp\n",
+    "escaped-key": '"parallel\\x54ype": pp\n',
+    "explicit-key": "? parallelType\n: pp\n",
+    "flow-mapping": "{batchSize: 1, parallelType: pp}\n",
+    "document-markers": "---\nbatchSize: 1\n...\n",
+    "directive": "%YAML 1.1\n---\nbatchSize: 1\n",
+    "comment-after-value": "batchSize: 1 # parallelType: pp\n",
+    "key-with-trailing-space": "parallelType : pp\n",
+    "unicode-escape-in-key": '"parallel\\u0054ype": pp\n',
+}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def java_reader(tmp_path_factory: pytest.TempPathFactory) -> Callable[[list[Path]], list[str]]:
+    """ArchiveUtils.readYamlFile from the installed model-server.jar, the frontend's reader."""
+    if java_problem() is not None or shutil.which("javac") is None:
+        pytest.skip(f"needs a JDK 17 (javac): {java_problem()}")
+    work = tmp_path_factory.mktemp("java-yaml")
+    jar = Path(ts.__file__).parent / "frontend" / "model-server.jar"
+    (work / "ReadModelConfig.java").write_text(JAVA_READER)
+    subprocess.run([str(shutil.which("javac")), "-cp", str(jar), "-d", str(work),
+                    str(work / "ReadModelConfig.java")], check=True, capture_output=True)
+
+    def read(paths: list[Path]) -> list[str]:
+        done = subprocess.run(
+            [str(shutil.which("java")), "-cp", f"{jar}:{work}", "ReadModelConfig",
+             *map(str, paths)], check=True, capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+        return done.stdout.splitlines()
+
+    return read
+
+
+def test_what_verify_accepts_torchserve_reads_with_the_same_keys(
+    java_reader: Callable[[list[Path]], list[str]], tmp_path: Path
+) -> None:
+    """Every config verify's reader accepts has the same top-level keys in SnakeYAML; the
+    launch settings refused above are real (the frontend reads each of them)."""
+    cases = {**{f"diff-{k}": v for k, v in DIFFERENTIAL.items()},
+             **{f"launch-{k}": v for k, v in LAUNCH.items()}, "good": GOOD}
+    paths = []
+    for name, text in cases.items():
+        paths.append(tmp_path / f"{name}.yaml")
+        paths[-1].write_bytes(text.encode())
+    java = dict(zip(cases, java_reader(paths), strict=True))
+    accepted = 0
+    for name, text in cases.items():
+        try:
+            data = read_model_config(text.encode())
+        except ValueError:
+            continue  # refused (SH411) before any reader could disagree
+        accepted += 1
+        keys = ",".join(sorted(str(k) for k in (data or {})))
+        assert java[name] == f"KEYS {keys}", name
+        if name.startswith("launch-"):
+            assert [r for r, _ in check_model_config(data)] == ["SH414"], name
+    assert accepted > len(LAUNCH)
