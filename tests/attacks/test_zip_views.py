@@ -46,6 +46,7 @@ from support import LABELS, build_tiny_classifier
 from secure_handler.cli import main
 from secure_handler.deploy.launcher import java_problem
 from secure_handler.serving.loading import DIGESTS_MEMBER
+from secure_handler.supply import localheaders
 from secure_handler.supply.zipsafe import (
     ZipLimits,
     check_entries,
@@ -463,3 +464,27 @@ def container_view(path: Path, dest: Path) -> Path | None:
             zlib.error, OSError):
         return None
     return dest
+
+
+def test_zip64_as_zipfile_writes_it_for_big_members_passes_and_java_agrees(
+    extractor: TorchServeExtractor, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """ZIP64 local and central fields and the ZIP64 end records, exactly as zipfile writes
+    them for members and offsets past 2 GiB, are accepted when the sizes need them. Both
+    thresholds are lowered so a few KiB stand in for gigabytes."""
+    monkeypatch.setattr(zipfile, "ZIP64_LIMIT", 1000)
+    mar = tmp_path / "big.mar"
+    with zipfile.ZipFile(mar, "w", zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("small.txt", SMALL)
+        zf.writestr("big.bin", bytes(range(256)) * 8, compress_type=zipfile.ZIP_STORED)
+        zf.writestr("after.txt", SMALL)  # its offset needs a ZIP64 field in the directory
+        with zf.open("streamed.bin", "w", force_zip64=True) as fh:
+            fh.write(bytes(range(256)) * 12)
+    with zipfile.ZipFile(mar) as zf:  # refused at the real threshold: these members are small
+        assert [f.rule for f in check_local_headers(mar, zf, "big.mar")] == ["SH312"]
+    monkeypatch.setattr(localheaders, "_ZIP64_MIN_SIZE", 500)
+    verified = container_view(mar, tmp_path / "verified")
+    assert verified is not None
+    [line] = extractor.extract([(mar, tmp_path / "java")])
+    assert line == "OK"
+    assert tree(tmp_path / "java") == tree(verified)
