@@ -31,7 +31,7 @@ from secure_handler.gateway.keys import hash_key
 
 REPO = Path(__file__).resolve().parents[1]
 
-__all__ = ["Balancer", "Outcome", "Pod", "pods", "redis_server"]
+__all__ = ["Balancer", "Outcome", "Pod", "gateway_process", "pods", "redis_server", "send"]
 
 
 @contextmanager
@@ -141,12 +141,12 @@ def _pod(name: str, workdir: Path, store: Path, specs: Sequence[ModelSpec],
             server.wait_ready(management, spec.name, timeout=300)
         gateway_yaml = _gateway_config(pod_dir, store, ports, [s.name for s in specs], keys,
                                        redis_url)
-        with _gateway_process(gateway_yaml, pod_dir / "gateway.log") as (proc, url):
+        with gateway_process(gateway_yaml, pod_dir / "gateway.log") as (proc, url):
             yield Pod(name, server, f"http://127.0.0.1:{ports.inference}", url, proc, pod_dir)
 
 
 @contextmanager
-def _gateway_process(config: Path, log: Path) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
+def gateway_process(config: Path, log: Path) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
     port = free_port()
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(
         filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}

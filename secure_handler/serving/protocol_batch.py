@@ -1,21 +1,21 @@
 """A batch holding KServe v1 / OIP v2 requests: each instance checked as a request is.
 
 `SecureBaseHandler.handle()` hands a batch here when any request in it is a v1/v2 body (or
-when `handler.protocols` turns plain bodies off). Every instance then becomes one item of the
-batch, read and checked by the handler's own `read_payload()` and `decode()`, exactly as a
-`/predictions` body would be, so the statuses and codes are the same. Instances count against
-`max_batch_size` (each takes a batch slot); a request whose instances do not fit is refused
-with 503 `batch_limit_exceeded` (retryable). One bad instance refuses its own request, in its
-protocol's error shape; the other requests of the batch are served.
+when `handler.protocols` turns plain bodies off). Every instance then becomes one row of the
+batch, read and checked by the handler's own `decode_rows()` exactly as a `/predictions` body
+would be (each instance sees its request's headers), so the statuses and codes are the same.
+Instances count against `max_batch_size` (each takes a batch slot); a request whose instances
+do not fit is refused with 503 `batch_limit_exceeded` (retryable). One bad instance refuses
+its own request, in its protocol's error shape; the other requests of the batch are served.
 """
 
 from __future__ import annotations
 
+import json
 import logging
-import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from secure_handler.errors import (
     BatchLimitExceeded,
@@ -26,16 +26,31 @@ from secure_handler.errors import (
 from secure_handler.serving import envelope, protocols
 from secure_handler.serving.metrics import StageTimer, count_rejection
 
-if TYPE_CHECKING:
-    from secure_handler.serving.base import SecureBaseHandler
-
-__all__ = ["Row", "handle", "plan"]
+__all__ = ["Handler", "Row", "handle", "plan"]
 
 logger = logging.getLogger(__name__)
 
 JSON_TYPE = "application/json"
 # Room for the JSON envelope around base64 instances (same slack as the frontend's).
 _ENVELOPE_SLACK = 64 * 1024
+
+
+class Handler(Protocol):
+    """What this module uses of `SecureBaseHandler` (whose `handle()` calls it)."""
+
+    limits: Any
+    context: Any
+    model_name: str
+    manifest: Any
+
+    def decode_rows(self, data: list[Mapping[str, Any]],
+                    timer: StageTimer | None = None) -> list[Any]: ...
+
+    def _run_batch(self, items: list[Any], timer: StageTimer) -> list[Any]: ...
+
+    def _respond(self, context: Any, idx: int, body: Any) -> str: ...
+
+    def _refuse(self, context: Any, idx: int, err: SecureHandlerError) -> str: ...
 
 
 @dataclass(slots=True)
@@ -51,7 +66,7 @@ class Row:
     items: list[Any] = field(default_factory=list)
 
 
-def plan(handler: SecureBaseHandler, data: list[Mapping[str, Any]]) -> list[Row] | None:
+def plan(handler: Handler, data: list[Mapping[str, Any]]) -> list[Row] | None:
     """The batch's rows when it needs the protocol path, else None (the plain path serves it).
 
     Cheap for plain traffic: a parsed JSON body is looked up by key, raw bytes only when
@@ -64,7 +79,7 @@ def plan(handler: SecureBaseHandler, data: list[Mapping[str, Any]]) -> list[Row]
     return rows
 
 
-def _read_row(handler: SecureBaseHandler, idx: int, row: Mapping[str, Any]) -> Row:
+def _read_row(handler: Handler, idx: int, row: Mapping[str, Any]) -> Row:
     limits = handler.limits
     headers = handler.context.get_all_request_header(idx)
     value = row.get("body", row.get("data"))
@@ -86,13 +101,13 @@ def _read_row(handler: SecureBaseHandler, idx: int, row: Mapping[str, Any]) -> R
     return Row(idx, row, protocol=True, request=request)
 
 
-def handle(handler: SecureBaseHandler, rows: list[Row], context: Any) -> list[Any]:
+def handle(handler: Handler, rows: list[Row], context: Any) -> list[Any]:
     """One answer per request, each in the protocol it came in (see the module docstring)."""
     timer = StageTimer(context)
     _give_slots(handler, rows)
     jobs = [(r, slot, value) for r in rows for slot, value in zip(r.slots, _values(r),
                                                                      strict=True)]
-    outcomes = _decode(handler, jobs, timer)
+    outcomes = _decode(handler, jobs, context, timer) if jobs else []
     for (row, _, _), outcome in zip(jobs, outcomes, strict=True):
         if row.error is not None:
             continue
@@ -126,7 +141,7 @@ def _values(row: Row) -> list[Any]:
     return list(row.request.instances)
 
 
-def _give_slots(handler: SecureBaseHandler, rows: list[Row]) -> None:
+def _give_slots(handler: Handler, rows: list[Row]) -> None:
     """Each instance (and each plain request) takes one batch slot, in request order."""
     limits = handler.limits
     free = limits.max_batch_size
@@ -149,38 +164,49 @@ def _give_slots(handler: SecureBaseHandler, rows: list[Row]) -> None:
         used += need
 
 
-def _decode(handler: SecureBaseHandler, jobs: list[tuple[Row, int, Any]],
+def _decode(handler: Handler, jobs: list[tuple[Row, int, Any]], context: Any,
             timer: StageTimer) -> list[Any]:
-    def one(job: tuple[Row, int, Any]) -> Any:
-        row, slot, value = job
-        source = row.row if row.request is None else {"body": value}
-        return _decode_one(handler, row.idx, slot, source, timer)
-
-    pool = handler._pool
-    if pool is None or len(jobs) < 2:
-        return [one(job) for job in jobs]
-    return list(pool.map(one, jobs))
-
-
-def _decode_one(handler: SecureBaseHandler, idx: int, slot: int, source: Mapping[str, Any],
-                timer: StageTimer) -> Any:
-    """The handler's own two per-request checks; `slot` is where the item goes."""
-    start = time.perf_counter()
-    stage = "payload"
+    """The handler's own `decode_rows()` over one row per slot (an instance, or a plain
+    body), so every check and batch step a request gets, an instance gets too."""
+    rows: list[Mapping[str, Any]] = []
+    headers: list[Mapping[str, Any]] = []
+    for row, _, value in jobs:
+        if row.request is None:
+            rows.append(row.row)
+            headers.append(context.get_all_request_header(row.idx))
+        else:
+            rows.append({"body": value})
+            headers.append(_instance_headers(value))
+    handler.context = _SlotContext(context, headers)
     try:
-        payload = handler.read_payload(source, idx)
-        mid = time.perf_counter()
-        timer.add("payload", (mid - start) * 1000.0)
-        start, stage = mid, "decode"
-        return handler.decode(payload, slot)
-    except RequestError as err:
-        return err
-    except Exception as exc:  # a bug or library fault on this instance only
-        logger.exception("unexpected error reading request %d", idx)
-        return SecureHandlerError(
-            f"internal error while reading the request ({type(exc).__name__})")
+        return list(handler.decode_rows(rows, timer))
     finally:
-        timer.add(stage, (time.perf_counter() - start) * 1000.0)
+        handler.context = context
+
+
+def _instance_headers(value: Any) -> dict[str, Any]:
+    """The headers of the /predictions request TorchServe would hand over with `value` as its
+    body: an object comes from `application/json`, a string from `text/plain`. Nothing of
+    the protocol request's own headers (its token, its JSON type) applies to one instance."""
+    declared = "application/json" if isinstance(value, dict) else "text/plain"
+    return {"body": {"content-type": declared}}
+
+
+class _SlotContext:
+    """The worker's context seen slot by slot: slot i has the headers `headers[i]`."""
+
+    def __init__(self, context: Any, headers: list[Mapping[str, Any]]) -> None:
+        self._context = context
+        self._headers = headers
+
+    def get_all_request_header(self, idx: int) -> Mapping[str, Any]:
+        return self._headers[idx]
+
+    def get_request_header(self, idx: int, key: str) -> Any:
+        return self._headers[idx].get(key)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._context, name)
 
 
 def _for_instance(row: Row, position: int, err: SecureHandlerError) -> SecureHandlerError:
@@ -193,21 +219,21 @@ def _for_instance(row: Row, position: int, err: SecureHandlerError) -> SecureHan
         return err
 
 
-def _answer(handler: SecureBaseHandler, context: Any, row: Row, bodies: list[Any]) -> Any:
+def _answer(handler: Handler, context: Any, row: Row, bodies: list[Any]) -> Any:
     if row.request is None:
         return handler._respond(context, row.idx, bodies[0])
     failed = next((b for b in bodies if isinstance(b, SecureHandlerError)), None)
     if failed is not None:
         return _refuse(handler, context, row, failed)
     try:
-        answer = protocols.response(row.request, bodies, handler.model_name,
-                                    _model_version(handler))
+        answer = protocols.response(row.request, [_parsed(b) for b in bodies],
+                                    handler.model_name, _model_version(handler))
     except RequestError as err:
         return _refuse(handler, context, row, err)
     return handler._respond(context, row.idx, answer)
 
 
-def _refuse(handler: SecureBaseHandler, context: Any, row: Row,
+def _refuse(handler: Handler, context: Any, row: Row,
             err: SecureHandlerError) -> str:
     if not row.protocol:
         return handler._refuse(context, row.idx, err)
@@ -219,7 +245,18 @@ def _refuse(handler: SecureBaseHandler, context: Any, row: Row,
     return protocols.error_json(err)
 
 
-def _model_version(handler: SecureBaseHandler) -> str | None:
+def _parsed(body: Any) -> Any:
+    """A result the handler already rendered to JSON text (`outputs.JsonText`), as the object
+    it encodes: a protocol answer re-shapes it."""
+    if isinstance(body, str):
+        try:
+            return json.loads(body)
+        except ValueError:
+            return body  # a plain string result stays one
+    return body
+
+
+def _model_version(handler: Handler) -> str | None:
     model = (getattr(handler, "manifest", None) or {}).get("model") or {}
     version = model.get("modelVersion")
     return str(version) if version is not None else None

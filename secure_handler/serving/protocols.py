@@ -46,6 +46,7 @@ PROTOCOLS: tuple[Protocol, ...] = ("torchserve", "kserve_v1", "oip_v2")
 
 # An object, after optional leading whitespace: image bytes and base64 text never start so.
 _OBJECT_START = re.compile(rb"[ \t\r\n]*\{")
+_OBJECT_START_TEXT = re.compile(r"[ \t\r\n]*\{")
 # `model_name` is not OIP's, but KServe's own client sends it.
 _V2_KEYS = frozenset({"id", "model_name", "parameters", "inputs", "outputs"})
 _V2_TENSOR_KEYS = frozenset({"name", "shape", "datatype", "data", "parameters"})
@@ -81,26 +82,52 @@ def find_protocol_body(value: Any, headers: Mapping[str, Any] | None,
     """
     if isinstance(value, dict):
         return value if _is_protocol_object(value) else None
-    if isinstance(value, str):
-        raw: bytes | bytearray = value.encode("utf-8", "surrogatepass")
-    elif isinstance(value, (bytes, bytearray)):
-        raw = value
-    else:
+    if not isinstance(value, (str, bytes, bytearray)):
         return None
-    if not _OBJECT_START.match(raw):
+    starts = (_OBJECT_START_TEXT.match(value) if isinstance(value, str)
+              else _OBJECT_START.match(value))
+    if not starts:
         return None
     if _has_binary_extension(headers):
         raise MalformedRequest(
             "the binary tensor extension (Inference-Header-Content-Length) is not supported; "
             "send JSON data (tritonclient: binary_data=False)"
         )
-    if len(raw) > max_body:
-        raise PayloadTooLarge(f"JSON body is {len(raw)} bytes; the limit is {max_body} bytes")
+    # Characters never outnumber UTF-8 bytes: a huge text is refused before it is encoded.
+    size = len(value) if len(value) > max_body else len(_as_bytes(value))
+    if size > max_body:
+        raise PayloadTooLarge(f"JSON body is {size} bytes; the limit is {max_body} bytes")
+    return _strict_protocol_object(_as_bytes(value))
+
+
+def _as_bytes(value: str | bytes | bytearray) -> bytes | bytearray:
+    return value.encode("utf-8", "surrogatepass") if isinstance(value, str) else value
+
+
+def _strict_protocol_object(raw: bytes | bytearray) -> dict[str, Any] | None:
+    """Parse; None when it is not a JSON object with a protocol key (a plain body). A
+    protocol body with a key twice or NaN/Infinity is refused: json.loads would silently keep
+    the last key and accept the constants."""
+    problems: list[str] = []
+
+    def pairs(items: list[tuple[str, Any]]) -> dict[str, Any]:
+        if len({k for k, _ in items}) != len(items):
+            problems.append("a key twice in one object")
+        return dict(items)
+
+    def constant(name: str) -> float:
+        problems.append(name)
+        return 0.0
+
     try:
-        parsed = json.loads(raw)
+        parsed = json.loads(raw, object_pairs_hook=pairs, parse_constant=constant)
     except (ValueError, RecursionError):
         return None  # not JSON: a plain body; the handler's own checks answer it
-    return parsed if isinstance(parsed, dict) and _is_protocol_object(parsed) else None
+    if not (isinstance(parsed, dict) and _is_protocol_object(parsed)):
+        return None
+    if problems:
+        raise MalformedRequest(f"the JSON body holds {problems[0]}, which is not valid here")
+    return parsed
 
 
 def _is_protocol_object(obj: Mapping[str, Any]) -> bool:
