@@ -54,15 +54,16 @@ class Archives:
     swapped: Path  # another model, version 2.0, no `require_pin`
 
 
-def _archive(src: Path, model: Path, export: Path, version: str, config: str) -> Path:
+def _archive(src: Path, model: Path, export: Path, version: str, config: str,
+             name: str = "tiny") -> Path:
     (src / "model-config.yaml").write_text(config)
     argv = [
-        "archive", "--model-name", "tiny", "--version", version, "--serialized-file",
+        "archive", "--model-name", name, "--version", version, "--serialized-file",
         str(model), "--handler", "image", "--extra-files", str(src / "index_to_name.json"),
         "--config-file", str(src / "model-config.yaml"), "--export-path", str(export),
     ]  # fmt: skip
     assert main(argv) == 0
-    return export / "tiny.mar"
+    return export / f"{name}.mar"
 
 
 @pytest.fixture(scope="module")
@@ -115,6 +116,25 @@ def test_the_locked_archive_under_an_unlocked_name_is_refused(
     monkeypatch.setenv(TRUST_STORE_ENV, str(archives.lock))
     with pytest.raises(IntegrityError, match="no entry for model 'shadow'"):
         load(archives.store / "tiny.mar", tmp_path, name="shadow")
+
+
+def test_another_locked_model_under_this_name_is_refused(
+    archives: Archives, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Both archives are in the lock; the one locked as `other`, registered as `tiny`,
+    matches no entry of `tiny`."""
+    store, lock = tmp_path / "store", tmp_path / "both.lock"
+    shutil.copytree(archives.store, store)
+    src = tmp_path / "src"
+    src.mkdir()
+    shutil.copy(archives.store.parent / "src" / "index_to_name.json", src)
+    other = _archive(src, script_and_save(AlwaysThree(), tmp_path / "three.pt"), store, "1.0",
+                     "handler:\n  top_k: 1\n", name="other")
+    assert main(["lock", str(store), "-o", str(lock)]) == 0
+    monkeypatch.setenv(TRUST_STORE_ENV, str(lock))
+    assert load(other, tmp_path / "a", name="other").initialized
+    with pytest.raises(IntegrityError, match="'tiny' does not match any of its 1 entries"):
+        load(other, tmp_path / "b", name="tiny")
 
 
 def test_the_lock_can_waive_the_pin_for_models_it_does_not_list(
