@@ -77,19 +77,20 @@ class _Judge:
         self.hits: list[Hit] = []
         self.parents: dict[int, ast.AST] = {}
         self.bound: dict[str, _Bound] = {}
-        self.classes = class_names(tree)
+        self.classes = context.classes.get(module_name(member)) or class_names(tree)
 
     def hit(self, rule: str, node: ast.AST, message: str) -> None:
         self.hits.append((rule, node, f"{message}; fix: {FIX[rule]}"))
 
     def run(self) -> None:
-        for node in ast.walk(self.tree):
+        nodes = list(ast.walk(self.tree))
+        for node in nodes:
             for child in ast.iter_child_nodes(node):
                 self.parents[id(child)] = node
-        for node in ast.walk(self.tree):
+        for node in nodes:  # imports first: every later name is judged by what they bound
             if isinstance(node, (ast.Import, ast.ImportFrom)):
                 self._import(node)
-        for node in ast.walk(self.tree):
+        for node in nodes:
             self._node(node)
 
     def _node(self, node: ast.AST) -> None:
