@@ -242,6 +242,8 @@ def load_torchscript(path: str | os.PathLike[str], device: torch.device) -> torc
     ever runs. Raises `UnsafeModelError` naming the operation, the method and the file.
     """
     check_torchscript_program(path)
+    logger.info("%s: TorchScript program inspected: every operation is on the allowlist",
+                os.fspath(path))
     import torch
 
     with warnings.catch_warnings():
