@@ -119,6 +119,8 @@ def _register_serve(sub: argparse._SubParsersAction[Any]) -> None:
     p.add_argument("--gateway-config", type=Path, metavar="GATEWAY_YAML",
                    help="the gateway in front of this server; lets a config with "
                    "enable_model_api=true pass the audit")
+    p.add_argument("--policy", type=Path, metavar="FILE",
+                   help="the operator policy the lock was made with (scan waivers)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=run_command(cmd_serve))
 
@@ -131,12 +133,14 @@ def _register_stop(sub: argparse._SubParsersAction[Any]) -> None:
     p.set_defaults(func=run_command(cmd_stop))
 
 
-def _verify_store(store: Path, lock: Path) -> list[Any]:
-    from secure_handler.supply.verify import (
-        verify_store,  # the supply-chain checks; imported only when serving
-    )
+def _verify_store(store: Path, lock: Path, args: argparse.Namespace) -> list[Any]:
+    # The supply-chain checks, imported only when serving. A lock that records scan waivers
+    # verifies only with the same operator policy (`--policy`), as `verify --lock` does.
+    from secure_handler.supply.inspection import VerifyOptions
+    from secure_handler.supply.policy import policy_from_args
+    from secure_handler.supply.verify import verify_store
 
-    return list(verify_store(store, lock))
+    return list(verify_store(store, lock, VerifyOptions(policy=policy_from_args(args))))
 
 
 def _lock_models(lock: Path) -> list[dict[str, Any]]:
@@ -194,7 +198,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(f"a server is already running (pid {existing.pid}, {state_file}); "
               "run `secure-handler stop` first", file=sys.stderr)
         return EXIT_FINDINGS
-    refused = _verify_store(store, lock)
+    refused = _verify_store(store, lock, args)
     if refused:
         print(f"refusing to serve {store}: it does not match {lock}", file=sys.stderr)
         for finding in refused:
