@@ -17,7 +17,8 @@ server (its counters live in the class it returns, never in module state):
 
 Every answer from this layer is the gateway's JSON error body with an X-Request-ID and
 `Connection: close`, and the socket is closed after it. The app adds `Connection: close` to
-its own 408 and 413, so uvicorn closes those too.
+its own 408 and 413, so uvicorn closes those too; and any answer sent before its request's
+body was all read closes the connection (the rest is never waited for).
 """
 
 from __future__ import annotations
@@ -160,6 +161,13 @@ class GuardedProtocol(HttpToolsProtocol):
     def on_message_complete(self) -> None:
         super().on_message_complete()
         self._in_head, self._head_bytes, self._head_fields = True, 0, 0
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if not self._in_head and not self.transport.is_closing():
+            # Answered before the body was all read (404, 405, a refusal): never keep reading
+            # the rest, however slowly it comes.
+            self.transport.close()
 
     def send_400_response(self, msg: str) -> None:
         # Any parser error, or a callback above that refused: never uvicorn's plain text.

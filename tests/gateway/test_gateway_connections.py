@@ -165,6 +165,18 @@ def test_408_for_a_slow_body_closes_and_a_late_byte_does_not_revive_it(
     _assert_json_error(parse(data, closed), 408, "request_timeout")
 
 
+def test_an_answer_before_the_body_is_read_ends_the_connection(port: int) -> None:
+    # The router refuses at once; the declared body must not keep the socket open.
+    head = request("POST", "/nope").replace(b"Content-Length: 0", b"Content-Length: 100000")
+    with connect(port) as sock:
+        sock.sendall(head + b"x" * 10)
+        answer = read_one(sock)
+        data, closed = read_until_closed(sock, 10)
+    assert (answer.status, answer.code) == (404, "not_found")
+    assert closed
+    assert data == b""
+
+
 # --- sockets per address, concurrency -------------------------------------------------------
 
 
