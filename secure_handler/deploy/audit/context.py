@@ -154,10 +154,12 @@ class AuditContext:
     cmdline_error: str | None = None
     config_path: Path | None = None
     model_store: Path | None = None
+    server_store: Path | None = None
     gateway_config: Path | None = None
     limits: HandlerLimits = field(default_factory=HandlerLimits)
     model_limits: Mapping[str, HandlerLimits] = field(default_factory=dict)
     env_refs: dict[str, list[str]] = field(default_factory=dict)
+    text: str = ""  # the file as Java reads it (ISO-8859-1)
 
     @classmethod
     def build(
@@ -183,13 +185,14 @@ class AuditContext:
             sources={e.key: f"config line {e.line}" for e in found},
             entries=found, launchers=launcher_views(text), environ=dict(environ or {}),
             config_path=config_path, model_limits=dict(model_limits or {}),
-            gateway_config=gateway_config,
+            gateway_config=gateway_config, text=text,
         )
         if cmdline is not None:
             ctx.cmdline, ctx.cmdline_error = parse_cmdline(cmdline)
         ctx._resolve_env_refs()
         ctx._apply_env_overrides()
-        ctx.model_store = model_store or ctx._store_from_settings()
+        ctx.server_store = ctx._store_from_settings()
+        ctx.model_store = model_store or ctx.server_store
         ctx.limits = limits or HandlerLimits.combined(ctx.model_limits.values())
         return ctx
 
@@ -212,7 +215,14 @@ class AuditContext:
             self.sources[key] = f"environment {name}"
 
     def _store_from_settings(self) -> Path | None:
-        store = getattr(self.cmdline, "model_store", None) or self.props.get("model_store")
+        """The store TorchServe uses. The launcher passes `-s` to Java from the command line
+        or, failing that, from ITS reading of the file (Java's own reading is overridden);
+        with enable_envvars_config, TS_MODEL_STORE is applied after `-s` and wins."""
+        if self.where("model_store").startswith("environment"):
+            store = self.props.get("model_store")
+        else:
+            store = getattr(self.cmdline, "model_store", None) or next(
+                iter(self.launcher_values("model_store")), None)
         return Path(store) if store else None
 
     @property

@@ -13,7 +13,7 @@ import os
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
-from secure_handler.deploy.audit import rules_jvm, rules_network, rules_sources
+from secure_handler.deploy.audit import rules_env, rules_jvm, rules_network, rules_sources
 from secure_handler.deploy.audit.context import ENV_OVERRIDES, KNOWN_KEYS, AuditContext, java_int
 from secure_handler.deploy.audit.jregex import JavaRegexError, compile_java
 from secure_handler.deploy.audit.report import ConfigFinding
@@ -215,7 +215,7 @@ def environment(ctx: AuditContext) -> Iterator[ConfigFinding]:
 
 
 RULES: tuple[Rule, ...] = (
-    *rules_network.RULES, *rules_sources.RULES, *rules_jvm.RULES,
+    *rules_network.RULES, *rules_sources.RULES, *rules_jvm.RULES, *rules_env.RULES,
     envvars_config, image_pixels, sizes, job_queue, blacklist, timeouts, env_references,
     file_hygiene, cmdline, environment,
 )

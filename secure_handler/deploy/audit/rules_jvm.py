@@ -4,15 +4,13 @@
 file with its own parser and splits `vmargs` with `str.split()`; the JVM option variables
 (`JAVA_TOOL_OPTIONS`, `JDK_JAVA_OPTIONS`, `_JAVA_OPTIONS`) reach it from the environment. Every
 resulting JVM argument is judged by the allowlist in `jvm` (heap and GC settings only).
-Variables that name code to load (`JAVA_HOME`, `LD_PRELOAD`, `PYTHONPATH`...) must name paths
-no other user can write.
+Variables that name code to load (`JAVA_HOME`, `LD_PRELOAD`, `PYTHONPATH`...) are judged in
+`rules_env`.
 """
 
 from __future__ import annotations
 
-import os
 import re
-import stat
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -28,8 +26,12 @@ _JVM_FIX = ("Keep only heap and GC settings (-Xmx, -Xms, -Xss, -XX:MaxRAMPercent
 
 
 def parser_disagreement(ctx: AuditContext) -> Iterator[ConfigFinding]:
-    """The launcher and Java must read `vmargs` and `plugins_path` the same way."""
-    for key in ("vmargs", "plugins_path"):
+    """The launcher and Java must read the keys the launcher takes the same way: `vmargs`,
+    `plugins_path`, and `model_store` (passed to Java as `-s`, overriding Java's reading)
+    unless the command line names the store."""
+    keys = ["vmargs", "plugins_path"]
+    keys += [] if getattr(ctx.cmdline, "model_store", None) else ["model_store"]
+    for key in keys:
         java = ctx.props.get(key)
         for seen in ctx.launcher_values(key):
             if java != seen:
@@ -40,6 +42,27 @@ def parser_disagreement(ctx: AuditContext) -> Iterator[ConfigFinding]:
                                   "encoding hides it).", "Rewrite the file as plain ASCII "
                                   "`key=value` lines; remove the setting.", cwe=["CWE-436"],
                                   source="launcher", value=seen)
+
+
+def launcher_encoding(ctx: AuditContext) -> Iterator[ConfigFinding]:
+    """Non-ASCII bytes outside comments: the launcher decodes them in the locale's encoding.
+
+    Java reads ISO-8859-1; the launcher reads UTF-8, GB18030, Shift_JIS... as the machine's
+    locale says. Bytes A1 A1 are U+3000 in GB18030 (a space `strip()` removes, so the line is
+    `vmargs=` to the launcher), and a Shift_JIS or Big5 character can swallow the next ASCII
+    byte. No one decoding shows what the launcher sees: refuse the bytes instead.
+    """
+    lines = re.split(r"\r\n|\r|\n", ctx.text)
+    for number, line in enumerate(lines, 1):
+        if line.isascii() or line.lstrip(" \t\x0b\x0c").startswith("#"):
+            continue
+        yield ctx.finding("high", f"config line {number}", "non-ASCII bytes outside a comment: "
+                          "TorchServe's Python launcher decodes the file in the server's locale "
+                          "encoding (it reads vmargs, plugins_path and model_store from it) "
+                          "while Java reads ISO-8859-1, so what this line says depends on the "
+                          f"machine: `{_visible(line[:60])}`.", "Write non-ASCII characters "
+                          "as \\uXXXX escapes (`secure-handler config` does).",
+                          cwe=["CWE-436", "CWE-176"], source="config", value=line[:200])
 
 
 def vmargs(ctx: AuditContext) -> Iterator[ConfigFinding]:
@@ -80,54 +103,6 @@ def jvm_environment(ctx: AuditContext) -> Iterator[ConfigFinding]:
                               value=value)
 
 
-#: Variables naming code every server process loads: the java binary ($JAVA_HOME/bin/java,
-#: run by the launcher), shared libraries, and the workers' Python import path.
-_LOADER_VARS = {"JAVA_HOME": None, "LD_PRELOAD": r"[:\s]+", "LD_AUDIT": ":",
-                "LD_LIBRARY_PATH": ":", "PYTHONPATH": ":", "PYTHONHOME": ":"}
-
-
-def loader_environment(ctx: AuditContext) -> Iterator[ConfigFinding]:
-    for name, separator in _LOADER_VARS.items():
-        value = ctx.environ.get(name)
-        if not value:
-            continue
-        entries = [e for e in (re.split(separator, value) if separator else [value]) if e]
-        writable = [e for e in entries if _writable_chain(Path(e))]
-        if writable:
-            yield ctx.finding("high", name, f"names {', '.join(writable)}, which other users "
-                              "can write (or a folder on the way to it): they can put code "
-                              "there that TorchServe's processes load.",
-                              f"Point {name} at root-owned paths only, or unset it.",
-                              cwe=["CWE-427", "CWE-732"], source="environment", value=value)
-        elif name in ("LD_PRELOAD", "LD_AUDIT"):
-            yield ctx.finding("medium", name, "every process of the server (JVM and workers) "
-                              "loads these libraries first.", f"Unset {name} unless you put "
-                              "it there (e.g. an allocator), and keep the files root-owned.",
-                              cwe=["CWE-427"], source="environment", value=value)
-
-
-def _writable_chain(path: Path) -> bool:
-    """Someone else can put a file at `path`: it, or a folder on the way, is writable by
-    other users or owned by one; a missing path counts as whatever its nearest folder allows
-    (in a sticky /tmp anyone can create it first)."""
-    path = path if path.is_absolute() else Path.cwd() / path
-    existing = next(p for p in (path, *path.parents) if p.exists())
-    if existing != path and _others_write(existing, sticky_protects=False):
-        return True
-    return any(_others_write(p, sticky_protects=True) for p in (existing, *existing.parents))
-
-
-def _others_write(path: Path, *, sticky_protects: bool) -> bool:
-    try:
-        info = path.stat()
-    except OSError:
-        return False
-    open_bits = info.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
-    if sticky_protects and info.st_mode & stat.S_ISVTX:
-        open_bits = 0  # others may add entries, not replace this one
-    return bool(open_bits) or info.st_uid not in (0, os.getuid())
-
-
 def plugins(ctx: AuditContext) -> Iterator[ConfigFinding]:
     paths = [p for p in ctx.launcher_values("plugins_path") if p]  # the launcher skips ""
     if getattr(ctx.cmdline, "plugins_path", None):
@@ -149,10 +124,49 @@ def commands(ctx: AuditContext) -> Iterator[ConfigFinding]:
         yield ctx.finding("high", "system_metrics_cmd", "TorchServe runs this command line "
                           "periodically to collect system metrics: a config edit becomes "
                           "command execution.", "Remove system_metrics_cmd.", cwe=["CWE-78"])
-    if ctx.flag("cpu_launcher_enable") and ctx.get("cpu_launcher_args"):
-        yield ctx.finding("low", "cpu_launcher_args", "arguments are passed to the CPU launcher "
-                          "that starts every worker.", "Review them; keep the file root-owned.",
-                          cwe=["CWE-88"])
+    if ctx.flag("cpu_launcher_enable"):
+        yield from _cpu_launcher(ctx, ctx.get("cpu_launcher_args") or "")
+
+
+#: `torch.backends.xeon.run_cpu` options that only pin cores and pick instances. Left out:
+#: --no-python and -m/--module (the next word becomes the program it runs), --log-path and
+#: --log-file-prefix (files written), --enable-tcmalloc/--enable-jemalloc (preloads found in
+#: environment-chosen folders), and argparse's abbreviations of any option.
+_RUN_CPU_ALLOWED = re.compile(
+    r"--(?:use[-_]default[-_]allocator|skip[-_]cross[-_]node[-_]cores|latency[-_]mode"
+    r"|throughput[-_]mode|use[-_]logical[-_]core|disable[-_]numactl|disable[-_]taskset"
+    r"|disable[-_]iomp|multi[-_]instance)"
+    r"|(?:--(?:ncores[-_]per[-_]instance|ninstances|rank|node[-_]id)=?)?[0-9]{1,6}"
+    r"|(?:--core[-_]list=?)?[0-9][0-9,-]{0,200}"
+    r"|--(?:ncores[-_]per[-_]instance|ninstances|rank|node[-_]id|core[-_]list)",
+    re.ASCII,
+)
+
+
+def _cpu_launcher(ctx: AuditContext, args: str) -> Iterator[ConfigFinding]:
+    """The frontend runs `python -m torch.backends.xeon.run_cpu ARGS ... --no_python hostname`
+    to probe, then starts each worker through it: ARGS are split on single spaces, as
+    `WorkerLifeCycle.launcherArgsToList` does (`String.split(" ")`)."""
+    tokens = args.split(" ") if args else []
+    while tokens and tokens[-1] == "":  # Java's split drops trailing empty strings
+        tokens.pop()
+    bad = [t for t in tokens if not _RUN_CPU_ALLOWED.fullmatch(t)]
+    if bad:
+        yield ctx.finding("high", "cpu_launcher_args", "the CPU launcher (torch's run_cpu) "
+                          "starts every worker with these arguments, and these are not core "
+                          f"pinning options: {' '.join(_visible(b) or '(empty)' for b in bad)}. "
+                          "`--no_python PROGRAM` runs any program, `-m` any module, and an "
+                          "empty word (two spaces) is taken as the program.",
+                          "Keep only --ncores-per-instance N, --node-id N, --core-list LIST, "
+                          "--use-logical-core, --disable-numactl/-taskset/-iomp and the like, "
+                          "one space apart.", cwe=["CWE-88", "CWE-94"])
+    else:
+        yield ctx.finding("medium", "cpu_launcher_enable", "every worker starts through "
+                          "torch's run_cpu, which runs numactl/taskset from PATH and "
+                          "preloads libiomp5 from $CONDA_PREFIX/lib, $VIRTUAL_ENV/lib or "
+                          "~/.local/lib when it finds it there.", "Leave cpu_launcher_enable "
+                          "off, or check those folders and add --disable-iomp.",
+                          cwe=["CWE-427"])
 
 
 def _visible(text: str) -> str:
@@ -161,4 +175,4 @@ def _visible(text: str) -> str:
         text.encode("unicode_escape").decode("ascii")
 
 
-RULES = (parser_disagreement, vmargs, jvm_environment, loader_environment, plugins, commands)
+RULES = (parser_disagreement, launcher_encoding, vmargs, jvm_environment, plugins, commands)

@@ -11,6 +11,7 @@ outside what `serve` verified.
 from __future__ import annotations
 
 import json
+import os
 import re
 import stat
 from collections.abc import Iterator
@@ -162,7 +163,7 @@ def models_json(ctx: AuditContext) -> Iterator[ConfigFinding]:
         models = json.loads(raw)
         versions = [(n, v, s) for n, vs in models.items() for v, s in vs.items()]
         batches = [(n, v, int(s.get("batchSize", 1))) for n, v, s in versions]
-    except (ValueError, AttributeError, TypeError) as exc:
+    except (ValueError, AttributeError, TypeError, ArithmeticError, RecursionError) as exc:
         yield ctx.finding("medium", "models", f"not the JSON TorchServe expects ({exc}).",
                           "Regenerate it with `secure-handler config`.", cwe=["CWE-1284"])
         return
@@ -195,17 +196,36 @@ def writable_by_others(path: Path) -> bool:
 
 
 def model_store(ctx: AuditContext) -> Iterator[ConfigFinding]:
-    # The workflow store holds archives the (ungated) workflow API registers by name.
-    workflow = ctx.get("workflow_store") or getattr(ctx.cmdline, "workflow_store", None)
-    stores = [("model_store", ctx.model_store), ("workflow_store", Path(workflow) if workflow
-                                                 else None)]
-    for key, store in stores:
-        if store is not None and writable_by_others(store):
+    server = ctx.server_store
+    if server is not None and ctx.model_store is not None and not _same_dir(server,
+                                                                            ctx.model_store):
+        yield ctx.finding("high", "model_store", f"TorchServe will load models from {server} "
+                          f"(its launcher passes `-s` from the command line or from its own "
+                          "reading of the file, and TS_MODEL_STORE wins when "
+                          f"enable_envvars_config is on), not from the audited store "
+                          f"{ctx.model_store}: what runs is not what was verified.",
+                          "Write model_store once, as a plain `model_store=PATH` line, pass the "
+                          "same --model-store, and audit that store.", cwe=["CWE-436", "CWE-494"],
+                          value=str(server))
+    # The workflow store holds archives the (ungated) workflow API registers by name; Java
+    # takes -w, then the file's key, then the model store.
+    workflow = getattr(ctx.cmdline, "workflow_store", None) or ctx.get("workflow_store")
+    stores = {("model_store", store) for store in (ctx.model_store, server) if store}
+    stores |= {("workflow_store", Path(workflow))} if workflow else set()
+    for key, store in sorted(stores):
+        if writable_by_others(store):
             yield ctx.finding("medium", key, f"{store} is writable by other users: anyone "
                               "there can drop or swap an archive.", "chmod go-w the store; "
                               "verify it against a lock before every start "
                               "(`secure-handler serve`).", cwe=["CWE-732", "CWE-494"],
                               value=str(store))
+
+
+def _same_dir(a: Path, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return a.resolve() == b.resolve()
 
 
 RULES = (allowed_urls, env_urls, load_models, model_snapshot, models_json, py_deps, model_store)

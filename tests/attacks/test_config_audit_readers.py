@@ -1,0 +1,298 @@
+"""Create-and-flag tests for `audit-config`, second review: what the readers of the config do.
+
+Each test builds a dangerous configuration or environment, shows with the reader that acts
+(TorchServe's Python launcher, its Java `ConfigManager` from the installed `model-server.jar`,
+torch's CPU launcher, the JVM's process launcher, CPython) that the danger is real, and asserts
+the audit rates it high. Families: the store the launcher hands to Java, encodings the launcher
+may decode the file in, the CPU launcher's arguments, and the environment (loader paths that
+are relative or writable by others, TS_MODEL_SERVER_HOME, variables the audit does not know).
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from collections.abc import Mapping
+from functools import partial
+from pathlib import Path
+from unittest import mock
+
+import pytest
+import ts
+from ts import model_server
+
+from secure_handler.deploy.audit import audit_file
+from secure_handler.deploy.tsconfig import ModelSpec, hardened_properties, render_properties
+
+JAR = Path(ts.__file__).parent / "frontend" / "model-server.jar"
+JAVA = shutil.which("java")
+needs_java = pytest.mark.skipif(JAVA is None, reason="Java is not installed")
+
+# TorchServe's ConfigManager, initialised from the exact arguments the launcher passes, once per
+# `;`-separated argument list; it prints the store and the server home each one ends up with.
+EFFECTIVE = r"""
+import java.util.*;
+import org.apache.commons.cli.*;
+import org.pytorch.serve.util.ConfigManager;
+
+public class Effective {
+    public static void main(String[] argv) throws Exception {
+        for (String group : String.join("\u0000", argv).split(";")) {
+            String[] args = Arrays.stream(group.split("\u0000")).filter(s -> !s.isEmpty())
+                .toArray(String[]::new);
+            CommandLine cmd = new DefaultParser().parse(ConfigManager.Arguments.getOptions(), args);
+            ConfigManager.init(new ConfigManager.Arguments(cmd));
+            ConfigManager c = ConfigManager.getInstance();
+            System.out.println("= " + c.getModelStore() + " " + c.getModelServerHome());
+        }
+    }
+}
+"""
+
+
+def _hardened(store: Path, extra: Mapping[str, str] | None = None) -> str:
+    props = hardened_properties(store, models=(ModelSpec("m", "m.mar"),))
+    return render_properties({**props, **(extra or {})})
+
+
+def _findings(config: Path, *, cmdline: str, env: Mapping[str, str] | None = None,
+              store: Path | None = None) -> list[tuple[str, str]]:
+    found = audit_file(config, cmdline=cmdline, environ=dict(env or {}), model_store=store)
+    return [(f.key, f.severity) for f in found]
+
+
+def _launcher_java_args(config: Path, *extra: str) -> list[str]:
+    """The arguments TorchServe's own launcher (`ts.model_server.start`) gives to Java."""
+    seen: dict[str, list[str]] = {}
+
+    def popen(cmd: list[str], *args: object, **kwargs: object) -> mock.Mock:
+        seen["cmd"] = cmd
+        return mock.Mock(pid=0)
+
+    argv = ["torchserve", "--start", "--ncs", "--ts-config", str(config), *extra]
+    # Its pid file goes to a folder of this test, not the machine's temp folder.
+    with mock.patch.object(subprocess, "Popen", popen), mock.patch.object(sys, "argv", argv), \
+            mock.patch.object(model_server.tempfile, "gettempdir", return_value=str(config.parent)):
+        model_server.start()
+    cmd = seen["cmd"]
+    return cmd[cmd.index("org.pytorch.serve.ModelServer") + 1:]
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Stores, a folder anyone can write, and a fake TorchServe home in it."""
+    root = tmp_path_factory.mktemp("readers")
+    paths = {name: root / name for name in ("s1", "s2", "s3", "shared")}
+    for path in paths.values():
+        path.mkdir(mode=0o755)
+        path.chmod(0o755)
+    paths["shared"].chmod(0o777)
+    (paths["shared"] / "ts").mkdir()
+    (paths["shared"] / "ts" / "version.txt").write_text("0.12.0\n")
+    paths["root"] = root
+    return paths
+
+
+# --- the store: the launcher's `-s` wins over Java's reading, TS_MODEL_STORE over both -------
+
+
+def _split_store_config(world: dict[str, Path]) -> Path:
+    # Java: model_store=s1 and cors_allowed_methods="GETmodel_store=.../s2" (a continuation);
+    # the launcher: model_store=s2, which it passes to Java as `-s`.
+    config = world["root"] / "split.properties"
+    config.write_text(_hardened(world["s1"]) + f"cors_allowed_methods=GET\\\nmodel_store="
+                      f"{world['s2']}\n")
+    return config
+
+
+def _env_store_config(world: dict[str, Path]) -> Path:
+    config = world["root"] / "envstore.properties"
+    config.write_text(_hardened(world["s1"], {"enable_envvars_config": "true"}))
+    return config
+
+
+@pytest.fixture(scope="module")
+def effective(world: dict[str, Path]) -> list[str]:
+    """ConfigManager's store and home for both configs, in one JVM run whose environment sets
+    TS_MODEL_SERVER_HOME and TS_MODEL_STORE, and whose PATH starts with an empty entry."""
+    if JAVA is None:
+        pytest.skip("Java is not installed")
+    source = world["root"] / "Effective.java"
+    source.write_text(EFFECTIVE)
+    split = _launcher_java_args(_split_store_config(world))
+    by_env = _launcher_java_args(_env_store_config(world), "--model-store", str(world["s1"]))
+    # ConfigManager runs `nvidia-smi` to count GPUs: with an empty PATH entry, the one here.
+    fake = world["root"] / "nvidia-smi"
+    fake.write_text(f"#!/bin/sh\ntouch {world['root']}/ran-from-cwd\necho index\n")
+    fake.chmod(0o755)
+    env = {"PATH": ":/usr/bin:/bin", "TS_MODEL_SERVER_HOME": str(world["shared"]),
+           "TS_MODEL_STORE": str(world["s3"]), "HOME": str(world["root"])}
+    run = subprocess.run([str(JAVA), "-cp", str(JAR), str(source), *split, ";", *by_env],
+                         env=env, cwd=world["root"], capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    return [line[2:] for line in run.stdout.splitlines() if line.startswith("= ")]
+
+
+@needs_java
+def test_store_from_the_launchers_reading_is_high(world: dict[str, Path],
+                                                  effective: list[str]) -> None:
+    assert effective[0].split()[0] == str(world["s2"])  # not Java's own s1
+    config = world["root"] / "split.properties"
+    # Without --model-store: the launcher's reading is the store, and it disagrees with Java's.
+    found = _findings(config, cmdline=f"torchserve --start --ncs --ts-config {config}")
+    assert ("model_store", "high") in found
+    # The store the caller audits (Java's reading, as `audit-config` took it) is not the one.
+    found = _findings(config, cmdline=f"torchserve --start --ncs --ts-config {config}",
+                      store=world["s1"])
+    assert ("model_store", "high") in found
+
+
+@needs_java
+def test_store_from_the_environment_wins_over_the_command_line(world: dict[str, Path],
+                                                               effective: list[str]) -> None:
+    assert effective[1].split()[0] == str(world["s3"])  # TS_MODEL_STORE beat `-s s1`
+    config = world["root"] / "envstore.properties"
+    found = _findings(config, cmdline=f"torchserve --start --ncs --ts-config {config} "
+                      f"--model-store {world['s1']}", env={"TS_MODEL_STORE": str(world["s3"])},
+                      store=world["s1"])
+    assert ("model_store", "high") in found
+
+
+@needs_java
+def test_model_server_home_from_the_environment_is_high(world: dict[str, Path],
+                                                        effective: list[str],
+                                                        tmp_path: Path) -> None:
+    # Workers run `<home>/ts/model_service_worker.py`: the folder anyone can write.
+    assert {line.split()[1] for line in effective} == {str(world["shared"])}
+    config = tmp_path / "c.properties"
+    config.write_text(_hardened(world["s1"]))
+    command = f"torchserve --start --ncs --ts-config {config} --model-store {world['s1']}"
+    env = {"TS_MODEL_SERVER_HOME": str(world["shared"])}
+    assert ("TS_MODEL_SERVER_HOME", "high") in _findings(config, cmdline=command, env=env)
+    installed = str(Path(ts.__file__).resolve().parent.parent)
+    assert _findings(config, cmdline=command, env={"TS_MODEL_SERVER_HOME": installed}) == []
+
+
+@needs_java
+def test_empty_path_entry_runs_programs_from_the_working_directory(
+        world: dict[str, Path], effective: list[str], tmp_path: Path) -> None:
+    assert (world["root"] / "ran-from-cwd").exists()  # TorchServe's own GPU probe ran it
+    config = tmp_path / "c.properties"
+    config.write_text(_hardened(world["s1"]))
+    command = f"torchserve --start --ncs --ts-config {config} --model-store {world['s1']}"
+    for name, value in [("PATH", ":/usr/bin"), ("PATH", "/usr/bin:bin"),
+                        ("LD_LIBRARY_PATH", "/usr/lib::"), ("LD_PRELOAD", "./lib.so"),
+                        ("PYTHONHOME", "venv"), ("PYTHONPYCACHEPREFIX", "cache"),
+                        ("JAVA_HOME", "jdk"), ("PYTHONUSERBASE", "")]:
+        if value:
+            assert (name, "high") in _findings(config, cmdline=command, env={name: value}), name
+
+
+def test_loader_paths_writable_by_others_are_high(world: dict[str, Path],
+                                                  tmp_path: Path) -> None:
+    config = tmp_path / "c.properties"
+    config.write_text(_hardened(world["s1"]))
+    command = f"torchserve --start --ncs --ts-config {config} --model-store {world['s1']}"
+    jdk = tmp_path / "jdk"  # root-owned-looking JDK whose bin/ anyone can write
+    (jdk / "bin").mkdir(parents=True)
+    jdk.chmod(0o755)
+    (jdk / "bin").chmod(0o777)
+    shared = str(world["shared"])
+    for name, value in [("PATH", f"/usr/bin:{shared}"), ("PYTHONUSERBASE", shared),
+                        ("PYTHONPYCACHEPREFIX", f"{shared}/cache"), ("JAVA_HOME", str(jdk))]:
+        assert (name, "high") in _findings(config, cmdline=command, env={name: value}), name
+    assert _findings(config, cmdline=command, env={"PATH": "/usr/bin:/bin"}) == []
+
+
+# --- variables the audit does not know, in the namespaces the readers use ---------------------
+
+
+def test_pythonwarnings_imports_a_module_and_is_high(world: dict[str, Path],
+                                                     tmp_path: Path) -> None:
+    (tmp_path / "planted.py").write_text(f"open({str(tmp_path / 'imported')!r}, 'w').close()\n"
+                                         "class W(Warning): pass\n")
+    env = {"PYTHONWARNINGS": "ignore::planted.W", "PYTHONPATH": str(tmp_path)}
+    subprocess.run([sys.executable, "-c", "pass"], env=env, check=True, timeout=60)
+    assert (tmp_path / "imported").exists()  # the interpreter imported it at start-up
+    config = tmp_path / "c.properties"
+    config.write_text(_hardened(world["s1"]))
+    command = f"torchserve --start --ncs --ts-config {config} --model-store {world['s1']}"
+    for name in ("PYTHONWARNINGS", "PYTHONSTARTUP", "LD_DEBUG_OUTPUT", "JAVA_TOOL_OPTION",
+                 "TS_UNKNOWN", "JDK_JAVA_OPTIONS_X", "IBM_JAVA_OPTIONS2"):
+        assert (name, "high") in _findings(config, cmdline=command, env={name: "x"}), name
+    known = {"PYTHONUNBUFFERED": "1", "PYTHONDONTWRITEBYTECODE": "1", "JAVA_VERSION": "17",
+             "TS_DECODE_INPUT_REQUEST": "true", "LANG": "C.UTF-8"}
+    assert _findings(config, cmdline=command, env=known) == []
+
+
+# --- encodings: the launcher decodes the file in the locale's encoding ------------------------
+
+# U+3000 (a space to str.strip()) in each multi-byte encoding a locale may use.
+IDEOGRAPHIC_SPACE = {"gb18030": b"\xa1\xa1", "shift_jis": b"\x81\x40", "big5": b"\xa1\x40",
+                     "euc_jp": b"\xa1\xa1", "euc_kr": b"\xa1\xa1"}
+
+
+@pytest.mark.parametrize("encoding", sorted(IDEOGRAPHIC_SPACE))
+def test_vmargs_behind_a_locale_space_is_high(encoding: str, world: dict[str, Path],
+                                              tmp_path: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    config = tmp_path / "c.properties"
+    hardened = _hardened(world["s1"])
+    config.write_bytes(hardened.encode("ascii") + IDEOGRAPHIC_SPACE[encoding]
+                       + b"vmargs=-javaagent:/tmp/evil.jar\n")
+    # Not UTF-8, and no JVM-visible `vmargs`: only a launcher in that locale sees the agent.
+    monkeypatch.setattr(model_server, "open", partial(open, encoding=encoding), raising=False)
+    assert model_server.load_properties(str(config))["vmargs"] == "-javaagent:/tmp/evil.jar"
+    command = f"torchserve --start --ncs --ts-config {config} --model-store {world['s1']}"
+    found = _findings(config, cmdline=command)
+    line = f"config line {len(hardened.splitlines()) + 1}"
+    assert [f for f in found if f[0].startswith("config line")] == [(line, "high")]
+
+
+def test_non_ascii_comments_are_not_flagged(world: dict[str, Path], tmp_path: Path) -> None:
+    config = tmp_path / "c.properties"
+    config.write_bytes(b"# mod\xc3\xa8le \xa1\xa1\n  # \x81\x40\n" + _hardened(world["s1"])
+                       .encode("ascii"))
+    command = f"torchserve --start --ncs --ts-config {config} --model-store {world['s1']}"
+    assert _findings(config, cmdline=command) == []
+
+
+# --- the CPU launcher: run_cpu's arguments, by an allowlist -----------------------------------
+
+
+def test_cpu_launcher_args_run_a_program(world: dict[str, Path], tmp_path: Path) -> None:
+    marker = tmp_path / "ran"
+    program = tmp_path / "evil.sh"
+    program.write_text(f"#!/bin/sh\ntouch {marker}\n")
+    program.chmod(0o755)
+    # The frontend's probe (`WorkerLifeCycle.isLauncherAvailable`), with an abbreviation of
+    # --no_python that argparse accepts.
+    args = f"--no-py {program}"
+    subprocess.run([sys.executable, "-m", "torch.backends.xeon.run_cpu", *args.split(" "),
+                    "--no_python", "hostname"], capture_output=True, timeout=120, check=False)
+    assert marker.exists()
+    config = tmp_path / "c.properties"
+    command = f"torchserve --start --ncs --ts-config {config} --model-store {world['s1']}"
+    for hostile in (args, f"--no_python {program}", "-m evil", "--log_path /tmp/x",
+                    "--enable_jemalloc", "--ninstances 1  --rank 0", "--ncores_per_instance\t2"):
+        config.write_text(_hardened(world["s1"], {"cpu_launcher_enable": "true",
+                                                  "cpu_launcher_args": hostile}))
+        assert ("cpu_launcher_args", "high") in _findings(config, cmdline=command), hostile
+    config.write_text(_hardened(world["s1"], {
+        "cpu_launcher_enable": "true",
+        "cpu_launcher_args": "--use_logical_core --ncores-per-instance 4 --node_id=0 --disable-iomp"}))
+    assert _findings(config, cmdline=command) == [("cpu_launcher_enable", "medium")]
+
+
+# --- the `models` JSON: whatever it holds, the audit answers ----------------------------------
+
+
+@pytest.mark.parametrize("models", ['{"m": {"1.0": {"batchSize": 1e400}}}',
+                                    "[" * 50_000 + "]" * 50_000])
+def test_models_json_the_audit_cannot_read_is_flagged_not_fatal(
+        models: str, world: dict[str, Path], tmp_path: Path) -> None:
+    config = tmp_path / "c.properties"
+    config.write_text(_hardened(world["s1"], {"models": models}))
+    command = f"torchserve --start --ncs --ts-config {config} --model-store {world['s1']}"
+    assert _findings(config, cmdline=command) == [("models", "medium")]
