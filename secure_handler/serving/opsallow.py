@@ -18,12 +18,14 @@ How the list is built
 2. its name is in no excluded family (`_EXCLUDED_NAMES`, `_excluded_by_name`): file I/O
    (`from_file`, `save`), process output (`prim::Print`, `aten::_print`), process-wide state
    (`manual_seed`, `seed`, plan caches, stats), calls into Python (`prim::PythonOp`), network
-   (`prim::rpc_*`), memory safety (`_unsafe_index*` and the `*_unsafe` sparse constructors skip
-   bounds or invariant checks; `prim::id` discloses an address), test-only operators and
-   JIT-internal graph nodes that never appear in saved code;
+   (`prim::rpc_*`), memory safety (`_unsafe_index*` skips bounds checks; sparse tensors built
+   from given indices and nested views of a buffer at given offsets are not checked; `prim::id`
+   discloses an address), test-only operators and JIT-internal graph nodes that never appear
+   in saved code;
 3. no argument or result has an excluded type (`_EXCLUDED_TYPES`): `Storage` (rebinds raw
    memory), `RRef` (remote references: network), `Capsule`, or a custom class other than
-   `ALLOWED_CUSTOM_CLASSES` (those need a native library's registration).
+   `ALLOWED_CUSTOM_CLASSES` (those need a native library's registration); nor a `bool unsafe`
+   switch (`_index_put_impl_`, `segment_reduce` skip index checks with it).
 
 In-place operators (`add_`, `(a!)` aliasing) are allowed: they change tensors the program
 already holds, nothing outside it. `aten::warn` is allowed (nn.TransformerEncoder calls it): it
@@ -118,8 +120,14 @@ _EXCLUDED_NAMES: dict[str, str] = {
 _SAFE_UNSAFE = frozenset({"unsafe_chunk", "unsafe_split", "unsafe_split_with_sizes",
                           "_unsafe_view"})  # fmt: skip
 
+_SPARSE = ("memory safety: builds a sparse tensor from indices it does not check unless "
+           "asked (later operators index out of bounds)")
+_SPARSE_FROM_INDICES = re.compile(
+    r"_?sparse_(coo|csr|csc|bsr|bsc|compressed)_tensor|_sparse_\w+_with_dims")
+
 _EXCLUDED_TYPES = (
     (re.compile(r"\bStorage\b"), "raw memory: takes or returns an untyped Storage"),
+    (re.compile(r"\bbool unsafe\b"), "memory safety: an `unsafe` switch skips index checks"),
     (re.compile(r"\bRRef\b"), _NETWORK),
     (re.compile(r"\bCapsule\b"), "opaque native object (Capsule)"),
 )
@@ -145,6 +153,10 @@ def _excluded_by_name(qualified: str) -> str | None:
         return _TEST
     if "unsafe" in base and base not in _SAFE_UNSAFE:
         return _MEMORY
+    if _SPARSE_FROM_INDICES.match(base):
+        return _SPARSE
+    if base.startswith("_nested_view_from_"):
+        return "memory safety: views a buffer at offsets and strides it is given"
     return None
 
 
