@@ -14,8 +14,9 @@ The rules, the same for every handler:
 * a request whose body arrived as form fields (curl's default
   `application/x-www-form-urlencoded`) is a 400 `form_encoded_body` naming the fix;
 * binary payloads (`binary_payload`): recognised by content, never by the declared type: a
-  known magic is raw bytes; a body that starts like base64 is base64, strictly decoded, its
-  decoded size counted against the limit; anything else is named by the caller (415).
+  known magic is raw bytes; a body that starts like base64, or is printable text, is base64,
+  strictly decoded, its decoded size counted against the limit; other bytes are named by the
+  caller (415).
 """
 
 from __future__ import annotations
@@ -57,6 +58,8 @@ _EDGE_WHITESPACE = 4
 # What base64 text starts with (or a body of whitespace only, refused as empty).
 # base64url's `-` and `_` too, so such a body is refused as invalid base64 (it is not ours).
 _BASE64_START = re.compile(rb"\s*(?:[A-Za-z0-9+/_-]|\Z)")
+# Printable ASCII text (what a client meant as base64, however mangled).
+_PRINTABLE = re.compile(rb"[\x20-\x7e\t\r\n]*")
 
 
 @dataclass(frozen=True, slots=True)
@@ -196,8 +199,8 @@ def decode_base64(text: str | bytes | bytearray, limit: int) -> bytes:
 def binary_payload(found: Payload, limit: int, fields: tuple[str, ...],
                    is_raw: Callable[[bytes | bytearray], bool]) -> bytes | bytearray:
     """The payload's bytes, whatever the declared type: raw when `is_raw` recognises them,
-    else base64 when they start like base64 (strict, at most `limit` bytes once decoded),
-    else the bytes as sent, for the caller to name their format (415)."""
+    else base64 when they start like base64 or are printable text (strict, at most `limit`
+    bytes once decoded), else the bytes as sent, for the caller to name their format (415)."""
     if found.is_json:
         field = json_field(found.value, fields)
         if not isinstance(field, str):
@@ -214,7 +217,7 @@ def binary_payload(found: Payload, limit: int, fields: tuple[str, ...],
         check_size(len(value), limit)
         return value
     check_size(len(value), b64_limit(limit) + _EDGE_WHITESPACE)
-    if _BASE64_START.match(value):
+    if _BASE64_START.match(value) or _PRINTABLE.fullmatch(value):
         return decode_base64(value, limit)
     return value
 
