@@ -60,10 +60,6 @@ _TYPE_NAMES = frozenset({
 })  # fmt: skip
 _VALUE_NAMES = frozenset({"inf", "nan"})
 _ROOTS = frozenset({"torch", "ops", "CONSTANTS", "__torch__"})
-# Only the roots: a local that shadows a builtin is harmless (every value a local can hold
-# comes from an expression judged where it is written), and the printer does name locals
-# `sorted` or `min`.
-_RESERVED = _ROOTS
 _CLASS_BASES = frozenset({"Module", "NamedTuple", "Interface", "ModuleInterface", "Enum"})
 _CLASS_LISTS = frozenset({"__parameters__", "__buffers__", "__forward_hooks__",
                           "__forward_pre_hooks__"})  # fmt: skip
@@ -229,12 +225,14 @@ class _Body:
         for item in ast.walk(node):
             if isinstance(item, ast.Name) and isinstance(item.ctx, ast.Store):
                 yield from self.bind(item, item.id)
-        self.callables = _aliases(node) - _assigned_otherwise(node)
+        self.callables = _callable_aliases(node)
         for statement in node.body:
             yield from self.visit(statement)
 
     def bind(self, node: ast.AST, name: str) -> Iterator[CodeIssue]:
-        if name in _RESERVED:
+        # Only the roots: a local shadowing a builtin is harmless (every value a local can hold
+        # comes from an expression judged where it is written; the printer names locals `min`).
+        if name in _ROOTS:
             yield self.issue(node, name, "rebinds a name TorchScript resolves specially")
         self.locals.add(name)
 
@@ -383,45 +381,21 @@ class _Body:
             yield self.issue(node, ast.unparse(node)[:60], "not a constant")
 
 
-def _aliases(node: ast.FunctionDef) -> set[str]:
-    """Locals the printer binds to functions (`_0 = __torch__.torch.nn.functional.relu`).
-    Those never stored otherwise (`_assigned_otherwise`) may be called: calling one calls code
-    of the program, and each chain is judged where it is assigned."""
-    return {
-        item.targets[0].id
-        for item in ast.walk(node)
-        if isinstance(item, ast.Assign)
-        and len(item.targets) == 1
-        and isinstance(item.targets[0], ast.Name)
-        and _is_torch_chain(item.value)
-    }
-
-
-def _assigned_otherwise(node: ast.FunctionDef) -> set[str]:
-    """Names stored anywhere other than as the whole target of a `__torch__` alias."""
-    names: set[str] = {a.arg for a in [*node.args.posonlyargs, *node.args.args]}
+def _callable_aliases(node: ast.FunctionDef) -> set[str]:
+    """Locals the printer binds to functions (`_0 = __torch__.torch.nn.functional.relu`) and
+    never stores anything else in: calling one calls code of the program (each chain is judged
+    where it is assigned)."""
+    aliases: set[str] = set()
+    alias_targets: set[int] = set()
     for item in ast.walk(node):
-        alias = (
-            isinstance(item, ast.Assign)
-            and len(item.targets) == 1
-            and isinstance(item.targets[0], ast.Name)
-            and _is_torch_chain(item.value)
-        )
-        if alias:
-            continue
-        for target in _store_targets(item):
-            names.update(n.id for n in ast.walk(target) if isinstance(n, ast.Name))
-    return names
-
-
-def _store_targets(item: ast.AST) -> list[ast.expr]:
-    if isinstance(item, ast.Assign):
-        return list(item.targets)
-    if isinstance(item, ast.AnnAssign | ast.AugAssign | ast.For):
-        return [item.target]
-    if isinstance(item, ast.withitem) and item.optional_vars is not None:
-        return [item.optional_vars]
-    return []
+        if (isinstance(item, ast.Assign) and len(item.targets) == 1
+                and isinstance(item.targets[0], ast.Name) and _is_torch_chain(item.value)):
+            aliases.add(item.targets[0].id)
+            alias_targets.add(id(item.targets[0]))
+    others = {a.arg for a in [*node.args.posonlyargs, *node.args.args]}
+    others.update(item.id for item in ast.walk(node) if isinstance(item, ast.Name)
+                  and isinstance(item.ctx, ast.Store) and id(item) not in alias_targets)
+    return aliases - others
 
 
 def _is_torch_chain(node: ast.expr) -> bool:
