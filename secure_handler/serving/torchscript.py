@@ -167,7 +167,11 @@ class _Inspection:
                 pickles.append((name, info))
         trees = self._parse_all(code)
         for name, tree in trees:
-            self.add(tscode.check_code(tree, name, self.program))
+            try:
+                self.add(tscode.check_code(tree, name, self.program))
+            except RecursionError:  # the printer hoists subexpressions: its code is shallow
+                self.add([_issue(name, "code nesting", "nested deeper than the inspector "
+                                 "follows; refused as not understood")])
         for name, info in pickles:
             self.add(self._check_pickle(name, info))
 

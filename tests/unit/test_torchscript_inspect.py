@@ -294,6 +294,13 @@ def test_cost_is_bounded(plus: Path, limits: InspectLimits, what: str) -> None:
     assert what in whats(inspect_torchscript(plus, limits))
 
 
+def test_deeply_nested_code_is_refused_not_crashed_on(tmp_path: Path, plus: Path) -> None:
+    """`x+x+...+x` parses into a tree as deep as it is long; the judge refuses it by name."""
+    body = "    return " + "+".join(["x"] * 1500) + "\n"
+    hostile = with_forward(plus, tmp_path / "m.pt", body)
+    assert whats(inspect_torchscript(hostile)) == ["code nesting"]
+
+
 def test_findings_are_capped(tmp_path: Path, plus: Path) -> None:
     body = "".join(f"    _{i} = torch.save\n" for i in range(50)) + "    return x\n"
     hostile = with_forward(plus, tmp_path / "m.pt", body)
