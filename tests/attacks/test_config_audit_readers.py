@@ -30,11 +30,13 @@ JAVA = shutil.which("java")
 needs_java = pytest.mark.skipif(JAVA is None, reason="Java is not installed")
 
 # TorchServe's ConfigManager, initialised from the exact arguments the launcher passes, once per
-# `;`-separated argument list; it prints the store and the server home each one ends up with.
+# `;`-separated argument list; it prints the store, the server home and the inference socket
+# each one ends up with.
 EFFECTIVE = r"""
 import java.util.*;
 import org.apache.commons.cli.*;
 import org.pytorch.serve.util.ConfigManager;
+import org.pytorch.serve.util.ConnectorType;
 
 public class Effective {
     public static void main(String[] argv) throws Exception {
@@ -44,7 +46,8 @@ public class Effective {
             CommandLine cmd = new DefaultParser().parse(ConfigManager.Arguments.getOptions(), args);
             ConfigManager.init(new ConfigManager.Arguments(cmd));
             ConfigManager c = ConfigManager.getInstance();
-            System.out.println("= " + c.getModelStore() + " " + c.getModelServerHome());
+            System.out.println("= " + c.getModelStore() + " " + c.getModelServerHome() + " "
+                + c.getListener(ConnectorType.INFERENCE_CONNECTOR).getSocketAddress());
         }
     }
 }
@@ -112,6 +115,16 @@ def _env_store_config(world: dict[str, Path]) -> Path:
     return config
 
 
+# `$$NAME$$` is replaced through Matcher.appendReplacement: `\:` is `:` to Java.
+ESCAPED_ADDRESS = "http\\://0.0.0.0:8080"
+
+
+def _env_ref_config(world: dict[str, Path]) -> Path:
+    config = world["root"] / "envref.properties"
+    config.write_text(_hardened(world["s1"], {"inference_address": "$$INFERENCE_ADDR$$"}))
+    return config
+
+
 @pytest.fixture(scope="module")
 def effective(world: dict[str, Path]) -> list[str]:
     """ConfigManager's store and home for both configs, in one JVM run whose environment sets
@@ -122,13 +135,16 @@ def effective(world: dict[str, Path]) -> list[str]:
     source.write_text(EFFECTIVE)
     split = _launcher_java_args(_split_store_config(world))
     by_env = _launcher_java_args(_env_store_config(world), "--model-store", str(world["s1"]))
+    by_ref = _launcher_java_args(_env_ref_config(world), "--model-store", str(world["s1"]))
     # ConfigManager runs `nvidia-smi` to count GPUs: with an empty PATH entry, the one here.
     fake = world["root"] / "nvidia-smi"
     fake.write_text(f"#!/bin/sh\ntouch {world['root']}/ran-from-cwd\necho index\n")
     fake.chmod(0o755)
     env = {"PATH": ":/usr/bin:/bin", "TS_MODEL_SERVER_HOME": str(world["shared"]),
-           "TS_MODEL_STORE": str(world["s3"]), "HOME": str(world["root"])}
-    run = subprocess.run([str(JAVA), "-cp", str(JAR), str(source), *split, ";", *by_env],
+           "TS_MODEL_STORE": str(world["s3"]), "HOME": str(world["root"]),
+           "INFERENCE_ADDR": ESCAPED_ADDRESS}
+    run = subprocess.run([str(JAVA), "-cp", str(JAR), str(source), *split, ";", *by_env, ";",
+                          *by_ref],
                          env=env, cwd=world["root"], capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     return [line[2:] for line in run.stdout.splitlines() if line.startswith("= ")]
@@ -203,6 +219,22 @@ def test_loader_paths_writable_by_others_are_high(world: dict[str, Path],
                         ("PYTHONPYCACHEPREFIX", f"{shared}/cache"), ("JAVA_HOME", str(jdk))]:
         assert (name, "high") in _findings(config, cmdline=command, env={name: value}), name
     assert _findings(config, cmdline=command, env={"PATH": "/usr/bin:/bin"}) == []
+
+
+@needs_java
+def test_env_reference_read_as_a_replacement_template_is_high(world: dict[str, Path],
+                                                              effective: list[str]) -> None:
+    assert effective[2].split()[2] == "/0.0.0.0:8080"  # plain HTTP on every interface
+    config = world["root"] / "envref.properties"
+    found = _findings(config, cmdline=f"torchserve --start --ncs --ts-config {config} "
+                      f"--model-store {world['s1']}", env={"INFERENCE_ADDR": ESCAPED_ADDRESS},
+                      store=world["s1"])
+    assert ("inference_address", "high") in found
+    for broken in ("http://127.0.0.1:8080\\", "http://127.0.0.1:$", "http://${x}"):
+        found = _findings(config, cmdline=f"torchserve --start --ncs --ts-config {config} "
+                          f"--model-store {world['s1']}", env={"INFERENCE_ADDR": broken},
+                          store=world["s1"])
+        assert ("INFERENCE_ADDR", "medium") in found, broken
 
 
 # --- variables the audit does not know, in the namespaces the readers use ---------------------
@@ -296,3 +328,40 @@ def test_models_json_the_audit_cannot_read_is_flagged_not_fatal(
     config.write_text(_hardened(world["s1"], {"models": models}))
     command = f"torchserve --start --ncs --ts-config {config} --model-store {world['s1']}"
     assert _findings(config, cmdline=command) == [("models", "medium")]
+
+
+# --- what replaces an archive's own code --------------------------------------------------------
+
+
+@pytest.mark.parametrize(("key", "value"), [
+    ("default_service_handler", "/tmp/evil.py:handle"),
+    ("default_service_handler", "image_classifier"),
+    ("service_envelope", "json"),
+    ("service_envelope", "..image_classifier"),
+])
+def test_handler_and_envelope_defaults_are_high(key: str, value: str, world: dict[str, Path],
+                                                tmp_path: Path) -> None:
+    # ModelManager.createModelArchive: an archive without a handler gets
+    # default_service_handler; every archive gets service_envelope, which the worker imports
+    # as `.<value>` relative to ts.torch_handler.request_envelope.
+    config = tmp_path / "c.properties"
+    config.write_text(_hardened(world["s1"], {key: value}))
+    command = f"torchserve --start --ncs --ts-config {config} --model-store {world['s1']}"
+    assert (key, "high") in _findings(config, cmdline=command)
+
+
+# --- no false alarm: the generated config, in a plain server environment ------------------------
+
+
+def test_generated_config_is_clean_in_a_server_environment(world: dict[str, Path],
+                                                           tmp_path: Path) -> None:
+    config = tmp_path / "c.properties"
+    config.write_text(_hardened(world["s1"]))
+    env = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+           "HOME": str(tmp_path), "LANG": "C.UTF-8", "PYTHONUNBUFFERED": "1",
+           "PYTHONDONTWRITEBYTECODE": "1", "TMPDIR": str(tmp_path), "LOG_LOCATION": str(tmp_path)}
+    if JAVA is not None:
+        env["JAVA_HOME"] = str(Path(JAVA).resolve().parent.parent)
+    for command in (f"torchserve --start --ncs --ts-config {config} --model-store {world['s1']}",
+                    f"torchserve --start --ncs --ts-config {config}"):
+        assert _findings(config, cmdline=command, env=env) == [], command

@@ -160,6 +160,7 @@ class AuditContext:
     model_limits: Mapping[str, HandlerLimits] = field(default_factory=dict)
     env_refs: dict[str, list[str]] = field(default_factory=dict)
     text: str = ""  # the file as Java reads it (ISO-8859-1)
+    env_ref_errors: list[str] = field(default_factory=list)  # values Java cannot substitute
 
     @classmethod
     def build(
@@ -197,12 +198,24 @@ class AuditContext:
         return ctx
 
     def _resolve_env_refs(self) -> None:
+        """`ConfigManager.resolveEnvVarVals`: each `$$NAME$$` is replaced with
+        `Matcher.appendReplacement`, which reads the variable's value as a replacement
+        template (`\\x` is `x`, `$1` is the name), not as literal text."""
         for key, value in list(self.props.items()):
             names = _ENV_REF.findall(value)
             if names:
                 self.env_refs[key] = names
-                self.props[key] = _ENV_REF.sub(
-                    lambda m: self.environ.get(m.group(1), m.group(0)), value)
+                self.props[key] = _ENV_REF.sub(self._env_value, value)
+
+    def _env_value(self, match: re.Match[str]) -> str:
+        value = self.environ.get(match.group(1))
+        if value is None:
+            return match.group(0)
+        replaced = java_replacement(value, match)
+        if replaced is None:
+            self.env_ref_errors.append(match.group(1))
+            return match.group(0)
+        return replaced
 
     def _apply_env_overrides(self) -> None:
         if not java_bool(self.props.get("enable_envvars_config", "false")):
@@ -269,6 +282,34 @@ def launcher_views(text: str) -> list[dict[str, str]]:
         views.append(launcher_view(data.decode("utf-8")))
     views.append(launcher_view(text))
     return views
+
+
+def java_replacement(template: str, match: re.Match[str]) -> str | None:
+    """What `Matcher.appendReplacement(sb, template)` inserts for `match`; None where Java
+    throws (a trailing `\\` or `$`, `${name}`, a group the pattern does not have)."""
+    out: list[str] = []
+    i, groups = 0, (match.re.groups or 0)
+    while i < len(template):
+        c = template[i]
+        if c == "\\":
+            if i + 1 == len(template):
+                return None
+            out.append(template[i + 1])
+            i += 2
+        elif c == "$":
+            if i + 1 == len(template) or template[i + 1] not in "0123456789":
+                return None
+            ref, i = int(template[i + 1]), i + 2
+            while i < len(template) and template[i] in "0123456789" \
+                    and ref * 10 + int(template[i]) <= groups:
+                ref, i = ref * 10 + int(template[i]), i + 1
+            if ref > groups:
+                return None
+            out.append(match.group(ref) or "")
+        else:
+            out.append(c)
+            i += 1
+    return "".join(out)
 
 
 def java_bool(value: str) -> bool:

@@ -132,6 +132,11 @@ def timeouts(ctx: AuditContext) -> Iterator[ConfigFinding]:
 
 
 def env_references(ctx: AuditContext) -> Iterator[ConfigFinding]:
+    for name in dict.fromkeys(ctx.env_ref_errors):
+        yield ctx.finding("medium", name, "its value is not a valid Java replacement template "
+                          "(a trailing `\\` or `$`, or `$` before a non-digit); TorchServe "
+                          "refuses to start.", "Write the value in the file.",
+                          source="environment", value=ctx.environ.get(name, ""))
     for key, names in ctx.env_refs.items():
         missing = [n for n in names if n not in ctx.environ]
         if missing:

@@ -186,6 +186,24 @@ def py_deps(ctx: AuditContext) -> Iterator[ConfigFinding]:
                           "image.", cwe=["CWE-829", "CWE-494"])
 
 
+def handler_defaults(ctx: AuditContext) -> Iterator[ConfigFinding]:
+    """Settings that replace what an archive runs (`ModelManager.createModelArchive`)."""
+    if ctx.get("default_service_handler"):
+        yield ctx.finding("high", "default_service_handler", "TorchServe runs this handler "
+                          "(a module or a file path, anywhere) for every archive whose manifest "
+                          "names none: code that no verified archive carries.",
+                          "Remove default_service_handler; archives name their handler "
+                          "(`secure-handler archive`).", cwe=["CWE-94", "CWE-494"])
+    if ctx.get("service_envelope"):
+        yield ctx.finding("high", "service_envelope", "TorchServe wraps every handler in this "
+                          "envelope, imported as `ts.torch_handler.request_envelope.<value>` "
+                          "(a relative name reaches any ts module): its batch handling fails "
+                          "the whole batch on one bad request and rewrites what the secure "
+                          "handlers validate.", "Remove service_envelope; the secure handlers "
+                          "read KServe v1 and OIP v2 bodies themselves.", cwe=["CWE-94",
+                                                                               "CWE-400"])
+
+
 def writable_by_others(path: Path) -> bool:
     """Group- or world-writable without the sticky bit (anyone there can swap files)."""
     try:
@@ -228,4 +246,5 @@ def _same_dir(a: Path, b: Path) -> bool:
         return a.resolve() == b.resolve()
 
 
-RULES = (allowed_urls, env_urls, load_models, model_snapshot, models_json, py_deps, model_store)
+RULES = (allowed_urls, env_urls, load_models, model_snapshot, models_json, py_deps,
+         handler_defaults, model_store)
