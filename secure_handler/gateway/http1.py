@@ -124,7 +124,12 @@ class HttpPool:
         reset, closed early) and ResponseTooLarge.
         """
         head = self._head(method, target, headers, body)
-        async with self._slots:
+        if self._slots.locked():
+            # Waiting for a free connection counts against the same timeout as the answer.
+            await asyncio.wait_for(self._slots.acquire(), timeout)
+        else:
+            await self._slots.acquire()  # free: no wait, no timer task
+        try:
             for attempt in (1, 2):
                 conn, reused = await self._connection(connect_timeout)
                 try:
@@ -137,6 +142,8 @@ class HttpPool:
                 except BaseException:
                     conn.close()
                     raise
+        finally:
+            self._slots.release()
         raise AssertionError("unreachable")  # pragma: no cover
 
     def _head(

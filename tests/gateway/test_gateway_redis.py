@@ -51,8 +51,10 @@ def test_concurrent_hits_never_overdraw(redis_url: str) -> None:
     limit, bucket = RateLimit(per_second=0.001, burst=10), _bucket()
 
     async def scenario() -> list[Decision]:
-        a = RedisRateLimiter(RedisConfig(url=redis_url))
-        b = RedisRateLimiter(RedisConfig(url=redis_url))
+        # 50 connections open at once: on a loaded machine that takes longer than the
+        # production 0.5 s timeout; the check is about overdraw, not speed.
+        a = RedisRateLimiter(RedisConfig(url=redis_url, timeout_s=10))
+        b = RedisRateLimiter(RedisConfig(url=redis_url, timeout_s=10))
         try:
             tasks = [(a if i % 2 else b).hit(bucket, limit) for i in range(50)]
             return list(await asyncio.gather(*tasks))
