@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from secure_handler.errors import ConfigurationError, IntegrityError, UnsafeModelError
 from secure_handler.serving.torchscript import check_torchscript_program
+from secure_handler.zipview import check_single_view
 
 if TYPE_CHECKING:  # torch is imported where it is used, so the CLI starts fast
     import torch
@@ -241,6 +242,9 @@ def load_torchscript(path: str | os.PathLike[str], device: torch.device) -> torc
     program is inspected first (`serving.torchscript`): nothing outside the operator allowlist
     ever runs. Raises `UnsafeModelError` naming the operation, the method and the file.
     """
+    # The inspector reads the zip with `zipfile`, torch with miniz: one view first, so the
+    # program inspected is the program loaded.
+    check_single_view(path)
     check_torchscript_program(path)
     logger.info("%s: TorchScript program inspected: every operation is on the allowlist",
                 os.fspath(path))

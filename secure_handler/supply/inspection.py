@@ -32,6 +32,7 @@ from secure_handler.supply.pickles import report_pickle, sniff_pickle
 from secure_handler.supply.policy import Policy
 from secure_handler.supply.scan import scan_tree
 from secure_handler.supply.zipsafe import ZipLimits, check_entries
+from secure_handler.zipview import check_single_view
 
 __all__ = ["MANIFEST_MEMBER", "MarReport", "VerifyOptions", "inspect_tree", "read_json"]
 
@@ -257,6 +258,11 @@ def _check_serialized(path: Path, member: str, options: VerifyOptions, report: M
         check_torchscript_archive(path)
     except UnsafeModelError as exc:
         report.add("SH407", member, str(exc).replace(str(path), "serialized file"))
+        return
+    try:  # zipfile inspects it below, torch.jit.load reads it with miniz: one view first
+        check_single_view(path)
+    except UnsafeModelError as exc:
+        report.add("SH312", member, str(exc).replace(str(path), "serialized file"))
         return
     with zipfile.ZipFile(path) as inner:
         where = f"{Path(report.path).name}!{member}"
