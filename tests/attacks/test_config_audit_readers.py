@@ -365,3 +365,32 @@ def test_generated_config_is_clean_in_a_server_environment(world: dict[str, Path
     for command in (f"torchserve --start --ncs --ts-config {config} --model-store {world['s1']}",
                     f"torchserve --start --ncs --ts-config {config}"):
         assert _findings(config, cmdline=command, env=env) == [], command
+
+
+# --- load_models: only `.mar` files, and ALL only as the whole value ----------------------------
+
+
+@pytest.mark.parametrize("value", ["m=m", "m", "m.mar,all", "m.mar,ALL", "m=m.tar.gz",
+                                   "m=m.model"])
+def test_load_models_naming_folders_or_other_formats_is_high(value: str, world: dict[str, Path],
+                                                             tmp_path: Path) -> None:
+    # initModelStore treats ALL only as the whole value (equalsIgnoreCase); any other name is
+    # looked up in the store, where a folder is served as an unpacked, unverified model.
+    config = tmp_path / "c.properties"
+    config.write_text(_hardened(world["s1"], {"load_models": value}))
+    command = f"torchserve --start --ncs --ts-config {config} --model-store {world['s1']}"
+    assert ("load_models", "high") in _findings(config, cmdline=command)
+    assert ("load_models", "high") in _findings(config, cmdline=f"{command} --models {value}")
+    for fine in ("all", "ALL", "m=m.mar,n=n.mar"):
+        config.write_text(_hardened(world["s1"], {"load_models": fine}))
+        assert _findings(config, cmdline=command) == [], fine
+
+
+def test_log_config_writable_by_others_is_flagged(world: dict[str, Path],
+                                                  tmp_path: Path) -> None:
+    config = tmp_path / "c.properties"
+    config.write_text(_hardened(world["s1"]))
+    log = world["shared"] / "log4j2.xml"
+    log.write_text("<Configuration/>\n")
+    command = f"torchserve --start --ncs --ts-config {config} --model-store {world['s1']}"
+    assert ("--log-config", "medium") in _findings(config, cmdline=f"{command} --log-config {log}")

@@ -17,6 +17,7 @@ from secure_handler.deploy.audit import rules_env, rules_jvm, rules_network, rul
 from secure_handler.deploy.audit.context import ENV_OVERRIDES, KNOWN_KEYS, AuditContext, java_int
 from secure_handler.deploy.audit.jregex import JavaRegexError, compile_java
 from secure_handler.deploy.audit.report import ConfigFinding
+from secure_handler.deploy.audit.rules_sources import writable_by_others
 from secure_handler.deploy.tsconfig import frontend_request_limit
 
 __all__ = ["RULES", "Rule"]
@@ -185,6 +186,17 @@ def cmdline(ctx: AuditContext) -> Iterator[ConfigFinding]:
                           "and, when started without --ts-config, silently loads the last "
                           "snapshot instead of your file.", "Add --ncs.", cwe=["CWE-1188"],
                           source="cmdline", value="")
+    if args.log_config:
+        # The launcher passes -Dlog4j.configurationFile=file://...: log4j2 appenders can send
+        # every log line to any host or file.
+        writable = writable_by_others(Path(args.log_config)) or writable_by_others(
+            Path(args.log_config).parent)
+        yield ctx.finding("medium" if writable else "low", "--log-config", "the frontend's "
+                          "log4j2 reads this file; its appenders can ship every log line "
+                          "(model names, request ids, errors) to any host or file"
+                          + (", and other users can write it" if writable else "") + ".",
+                          "Keep the file root-owned (chmod 644, in a root-owned folder).",
+                          cwe=["CWE-732", "CWE-532"], source="cmdline", value=args.log_config)
     config = args.ts_config
     if not config and not ctx.environ.get("TS_CONFIG_FILE"):
         yield ctx.finding("high", "--ts-config", "no --ts-config (nor TS_CONFIG_FILE): "

@@ -27,8 +27,9 @@ __all__ = ["RULES", "writable_by_others"]
 
 #: Characters of an archive name that a file URL may carry after the store (no `/`, no `%`).
 _NAME_CHARS = CharSet.of("abcdefghijklmnopqrstuvwxyz0123456789_.-").case_insensitive()
-#: A model at start-up: `[name=]file` with a plain archive name in the store.
-_STORE_ITEM = re.compile(r"(?:[A-Za-z0-9][A-Za-z0-9_.-]*=)?[A-Za-z0-9][A-Za-z0-9_.-]*",
+#: A model at start-up: `[name=]file.mar` with a plain archive name in the store (a name
+#: without `.mar` may be a folder, which TorchServe serves as an unpacked, unverified model).
+_STORE_ITEM = re.compile(r"(?:[A-Za-z0-9][A-Za-z0-9_.-]*=)?[A-Za-z0-9][A-Za-z0-9_.-]*\.mar",
                          re.ASCII)
 _EXAMPLES = ("http://attacker.example/m.mar", "https://attacker.example/m.mar",
              "file://attacker.example/m.mar", "file:///tmp/evil.mar")
@@ -131,11 +132,16 @@ def load_models(ctx: AuditContext) -> Iterator[ConfigFinding]:
     loads it; a path is cut to its last segment. Either way what runs is not what `serve`
     verified or what the reader of the config expects.
     """
-    items: list[tuple[str, str | None]] = [
-        (i, None) for i in (ctx.get("load_models") or "").split(",")]
-    items += [(i, "cmdline") for i in getattr(ctx.cmdline, "models", None) or []]
+    # `ALL` is the whole value, in any case (`ModelServer.initModelStore`); inside a list it is
+    # a file name like any other. The command line's `--models` are joined with `,`.
+    lists: list[tuple[str, str | None]] = [(ctx.get("load_models") or "", None)]
+    models: list[str] | None = getattr(ctx.cmdline, "models", None)
+    if models:
+        lists.append((",".join(models), "cmdline"))
+    items = [(item, source) for value, source in lists if value.lower() != "all"
+             for item in value.split(",")]
     for item, source in items:
-        if item == "" or item.lower() == "all" or _STORE_ITEM.fullmatch(item):
+        if item == "" or _STORE_ITEM.fullmatch(item):
             continue
         yield ctx.finding("high", "load_models", f"`{item}` is not an archive name in the "
                           "model store: TorchServe fetches URLs (http, https, file://, FTP) "
