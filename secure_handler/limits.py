@@ -108,6 +108,8 @@ class ImageLimits(BaseLimits):
     max_jpeg_markers: int = Field(256, gt=0, le=100_000)
     max_jpeg_metadata_segments: int = Field(64, gt=0, le=10_000)  # APPn and COM
     max_jpeg_fill_bytes: int = Field(1024, ge=0, le=10 * MiB)
+    # DQT tables and Photoshop APP13 resources: the JPEG header bytes Pillow parses in Python.
+    max_jpeg_parsed_bytes: int = Field(256 * 1024, ge=0, le=10 * MiB)
     max_png_chunks: int = Field(4096, gt=0, le=1_000_000)  # libpng writes 8 KiB IDATs
     max_png_ancillary_chunks: int = Field(32, ge=0, le=100_000)
     max_png_ancillary_bytes: int = Field(2 * MiB, ge=0, le=1024 * MiB)

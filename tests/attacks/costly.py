@@ -129,6 +129,29 @@ def jpeg_empty_app_segments(megabytes: float = 9.9) -> bytes:
     return good[:2] + b"\xff\xe1\x00\x02" * int(megabytes * MiB / 4) + good[2:]
 
 
+def jpeg_dqt_tables(total: int) -> bytes:
+    """A valid JPEG preceded by `total` bytes of DQT segments (65-byte tables, Pillow reads
+    each in Python: 9.7 MB cost it about a second)."""
+    table = b"\x00" + bytes(range(1, 65))
+    segments, left = [], total
+    while left > 0:
+        count = max(1, min(1000, left // len(table)))
+        payload = table * count
+        segments.append(b"\xff\xdb" + struct.pack(">H", len(payload) + 2) + payload)
+        left -= len(payload)
+    good = small_jpeg()
+    return good[:2] + b"".join(segments) + good[2:]
+
+
+def jpeg_photoshop_resources(segments: int, size: int = 65000) -> bytes:
+    """A valid JPEG with `segments` APP13 Photoshop segments of empty 12-byte resources."""
+    resource = b"8BIM\x04\x04\x00\x00" + struct.pack(">I", 0)
+    body = b"Photoshop 3.0\x00" + resource * ((size - 14) // len(resource))
+    app13 = b"\xff\xed" + struct.pack(">H", len(body) + 2) + body
+    good = small_jpeg()
+    return good[:2] + app13 * segments + good[2:]
+
+
 # --- PNG ----------------------------------------------------------------------------------
 
 
@@ -244,8 +267,8 @@ def jpeg_with_exif(exif: bytes) -> bytes:
     return good[:2] + segs + good[2:]
 
 
-#: name -> builder: the review's input of each family (all refused now), then the costliest
-#: inputs each cap still lets through (served, or refused by the decoder).
+#: name -> builder: the review's input of each family and later finds (all refused now,
+#: see REFUSED), then the costliest inputs each cap still lets through (served).
 COSTLY: dict[str, Callable[[], bytes]] = {
     "jpeg-progressive-1600-repeated-scans": lambda: jpeg_repeated_scans(1600),
     "jpeg-soi-plus-9.9MB-fill": jpeg_fill_bytes,
@@ -256,12 +279,17 @@ COSTLY: dict[str, Callable[[], bytes]] = {
         exif_amplified(value_type=3)),
     "jpeg-exif-orientation6-1MB-rationals-4-ifds": lambda: jpeg_with_exif(exif_amplified()),
     "png-rgba16-interlaced-4096": png_rgba16_interlaced,
+    # found after the review, same families: header bytes Pillow parses in Python
+    "jpeg-9.7MB-dqt-tables": lambda: jpeg_dqt_tables(9_700_000),
+    "jpeg-63-photoshop-segments": lambda: jpeg_photoshop_resources(63),
     # at the caps
     "jpeg-progressive-4096-32-scans": lambda: jpeg_with_scans(32),
     "jpeg-progressive-4096-444-noise": lambda: jpeg_noise(progressive=True, subsampling=0,
                                                           spread=96),
     "jpeg-baseline-4096-noise": jpeg_noise,
     "jpeg-fill-metadata-markers-at-caps": jpeg_at_caps,
+    "jpeg-dqt-tables-at-cap": lambda: jpeg_dqt_tables(255 * 1024),
+    "jpeg-photoshop-resources-at-cap": lambda: jpeg_photoshop_resources(4, 60000),
     "png-chunks-and-ancillary-at-caps": png_at_caps,
     "png-rgba8-interlaced-4096": lambda: png_zeros(interlaced=True),
     "png-rgb16-4096": lambda: png_zeros(depth=16, colour=2),
@@ -271,3 +299,6 @@ COSTLY: dict[str, Callable[[], bytes]] = {
     "jpeg-exif-64KB-shorts-orientation6": lambda: jpeg_with_exif(
         exif_amplified(60 * 1024, value_type=3)),
 }
+
+#: The inputs of COSTLY that must be refused (422 image_too_complex).
+REFUSED = tuple(list(COSTLY)[:10])

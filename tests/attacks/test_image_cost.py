@@ -95,7 +95,7 @@ def _between(target: Target, data: bytes) -> tuple[int, Any]:
     return middle
 
 
-REVIEW = dict(list(costly.COSTLY.items())[:8])  # the review's inputs come first
+REVIEW = {name: costly.COSTLY[name] for name in costly.REFUSED}
 LIMIT_NAMED = {
     "jpeg-progressive-1600-repeated-scans": "max_jpeg_scans",
     "jpeg-soi-plus-9.9MB-fill": "max_jpeg_fill_bytes",
@@ -105,6 +105,8 @@ LIMIT_NAMED = {
     "png-exif-orientation6-1MB-shorts-4-ifds": "max_exif_bytes",
     "jpeg-exif-orientation6-1MB-rationals-4-ifds": "max_exif_bytes",
     "png-rgba16-interlaced-4096": "max_decode_memory",
+    "jpeg-9.7MB-dqt-tables": "max_jpeg_parsed_bytes",
+    "jpeg-63-photoshop-segments": "max_jpeg_parsed_bytes",
 }
 
 
@@ -166,6 +168,10 @@ OVER = {
                                   "max_jpeg_metadata_segments"),
     "jpeg-257-markers": (lambda: costly.jpeg_at_caps(metadata=1, markers=257),
                          "max_jpeg_markers"),
+    "jpeg-dqt-over-256KiB": (lambda: costly.jpeg_dqt_tables(256 * 1024 + 65),
+                             "max_jpeg_parsed_bytes"),
+    "jpeg-photoshop-over-256KiB": (lambda: costly.jpeg_photoshop_resources(5, 60000),
+                                   "max_jpeg_parsed_bytes"),
     "png-4097-chunks": (lambda: costly.png_at_caps(chunks=4097, ancillary=0),
                         "max_png_chunks"),
     "png-33-ancillary-chunks": (lambda: costly.png_at_caps(chunks=64, ancillary=33,

@@ -166,6 +166,7 @@ _SOF_ALLOWED = {0xC0: False, 0xC1: False, 0xC2: True, 0xC9: False, 0xCA: True}
 _SOF_ANY = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
 _STANDALONE = {0x01, *range(0xD0, 0xD8)}
 _EXIF_ID = b"Exif\x00\x00"
+_PHOTOSHOP_ID = b"Photoshop 3.0\x00"
 
 
 class _JpegWalk:
@@ -173,7 +174,7 @@ class _JpegWalk:
 
     def __init__(self, data: bytes | bytearray, limits: ImageLimits) -> None:
         self.data, self.limits = data, limits
-        self.markers = self.scans = self.metadata = self.fill = 0
+        self.markers = self.scans = self.metadata = self.fill = self.parsed_bytes = 0
         self.size: ImageSize | None = None
         self.components: tuple[tuple[int, int], ...] = ()
         self.progressive = False
@@ -240,8 +241,12 @@ class _JpegWalk:
                         "max_jpeg_metadata_segments")
             if marker == 0xE1 and data[body:body + 6] == _EXIF_ID:
                 self._add_exif(body + 6, end)
+            elif marker == 0xED and data[body:body + 14] == _PHOTOSHOP_ID:
+                self._parsed(end - body)  # Pillow walks its resources in Python
         elif marker in _SOF_ANY:
             self._frame(marker, body, end)
+        elif marker == 0xDB:  # DQT: Pillow reads every table in Python
+            self._parsed(end - body)
         elif marker == 0xDA:
             if self.size is None:
                 raise InvalidImage("JPEG has a scan before its frame header (SOF)")
@@ -264,6 +269,12 @@ class _JpegWalk:
         sampling = self.data[body + 6 + 1:body + 6 + 3 * count:3]
         self.components = tuple((max(1, s >> 4), max(1, s & 15)) for s in sampling)
         self.size, self.progressive = (width, height), _SOF_ALLOWED[marker]
+
+    def _parsed(self, size: int) -> None:
+        self.parsed_bytes += size
+        if self.parsed_bytes > self.limits.max_jpeg_parsed_bytes:
+            raise _over("bytes of DQT tables and Photoshop resources:", self.parsed_bytes,
+                        self.limits.max_jpeg_parsed_bytes, "max_jpeg_parsed_bytes")
 
     def _add_exif(self, start: int, end: int) -> None:
         self.exif_bytes += end - start
