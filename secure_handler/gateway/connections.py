@@ -12,6 +12,9 @@ server (its counters live in the class it returns, never in module state):
 * at most `max_header_bytes` bytes and `max_header_count` fields in it → 431
   `header_fields_too_large`: bytes are counted as they arrive, before the parser buffers
   them, so memory per connection stays bounded whatever the client sends;
+* no trailers (nothing reads them) → 400; and bytes after the headers that the parser
+  buffers instead of passing on (a trailer's value, a chunk extension) at most
+  `max_header_bytes` → 431;
 * at most `max_concurrency` requests in the app at once → 503 `service_unavailable`;
 * malformed HTTP → 400 `malformed_request`.
 
@@ -82,6 +85,8 @@ class GuardedProtocol(HttpToolsProtocol):
         self._in_head = True  # reading a request's header section (or waiting for one)
         self._head_bytes = 0
         self._head_fields = 0
+        self._quiet_bytes = 0  # fed after the headers without any parser callback
+        self._progress = False
         self._refusal: bytes | None = None
 
     # --- accepting -----------------------------------------------------------------------
@@ -115,7 +120,7 @@ class GuardedProtocol(HttpToolsProtocol):
         if self._peer is None or self.transport.is_closing():
             return  # refused at accept, or already answered: read nothing more
         if not self._in_head:
-            super().data_received(data)
+            self._body_data_received(data)
             return
         if self._head_bytes == 0:
             # The first byte of a request starts its one header deadline.
@@ -136,9 +141,37 @@ class GuardedProtocol(HttpToolsProtocol):
                                    f"the request's headers are over "
                                    f"{self.config_g.max_header_bytes} bytes")
             return
-        super().data_received(data[allowance:])
+        self.data_received(data[allowance:])  # the body (or the next request), counted
+
+    def _body_data_received(self, data: bytes) -> None:
+        # The app counts the body against its limit as it arrives, but the parser itself
+        # buffers what is neither body nor framing (a trailer's value, a chunk extension)
+        # until it ends; such bytes come with no callback, and are capped here.
+        self._progress = False
+        super().data_received(data)
+        if self._progress or self._in_head or self.transport.is_closing():
+            self._quiet_bytes = 0
+            return
+        self._quiet_bytes += len(data)
+        if self._quiet_bytes > self.config_g.max_header_bytes:
+            self._answer_and_close(431, "header_fields_too_large",
+                                   "chunk extensions or trailers are over the header cap")
+
+    def on_body(self, body: bytes) -> None:
+        self._progress = True
+        super().on_body(body)
+
+    def on_chunk_header(self) -> None:
+        self._progress = True
+
+    def on_chunk_complete(self) -> None:
+        self._progress = True
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        if not self._in_head:
+            # A trailer (after a chunked body): nothing here reads them, so none is accepted.
+            self._refusal = self._error(400, "malformed_request", "trailers are not accepted")
+            raise _Refused
         self._head_fields += 1
         if self._head_fields > self.config_g.max_header_count:
             self._refusal = self._error(431, "header_fields_too_large",
@@ -161,6 +194,7 @@ class GuardedProtocol(HttpToolsProtocol):
     def on_message_complete(self) -> None:
         super().on_message_complete()
         self._in_head, self._head_bytes, self._head_fields = True, 0, 0
+        self._progress = True
 
     def on_response_complete(self) -> None:
         super().on_response_complete()

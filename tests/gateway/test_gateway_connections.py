@@ -126,6 +126,32 @@ def test_malformed_http_gets_a_json_400_with_a_request_id(port: int) -> None:
     _assert_json_error(answer, 400, "malformed_request")
 
 
+def _chunked_head(keys: KeySet) -> bytes:
+    head = request("POST", "/predictions/tiny", _auth(keys))
+    return head.replace(b"Content-Length: 0", b"Transfer-Encoding: chunked")
+
+
+def test_a_trailer_after_a_chunked_body_is_refused(port: int, keys: KeySet) -> None:
+    answer = exchange(port, _chunked_head(keys) + b"3\r\nabc\r\n0\r\nX-Late: 1\r\n\r\n")
+    _assert_json_error(answer, 400, "malformed_request")
+
+
+def test_an_endless_trailer_value_gets_431_before_it_is_buffered(
+    port: int, keys: KeySet,
+) -> None:
+    with connect(port) as sock:
+        sock.sendall(_chunked_head(keys) + b"3\r\nabc\r\n0\r\nX-Late: ")
+        sent = 0
+        try:
+            while sent < 4 * 1024 * 1024:  # the trailer's value never ends
+                sock.sendall(b"a" * 16384)
+                sent += 16384
+        except OSError:
+            pass
+        data, closed = read_until_closed(sock, 10)
+    _assert_json_error(parse(data, closed), 431, "header_fields_too_large")
+
+
 # --- bodies: 413 and 408 end the connection ---------------------------------------------------
 
 
