@@ -13,6 +13,7 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
+import zipfile
 from collections.abc import Mapping
 from functools import partial
 from pathlib import Path
@@ -394,3 +395,82 @@ def test_log_config_writable_by_others_is_flagged(world: dict[str, Path],
     log.write_text("<Configuration/>\n")
     command = f"torchserve --start --ncs --ts-config {config} --model-store {world['s1']}"
     assert ("--log-config", "medium") in _findings(config, cmdline=f"{command} --log-config {log}")
+
+
+# --- allowed_urls: what java.net.URL opens, not only http(s):// and file:// -------------------
+
+# TorchServe's own download path: ModelArchive.downloadModel -> validateURL -> new URL(url).
+DOWNLOAD = r"""
+import java.util.*;
+import org.pytorch.serve.archive.model.ModelArchive;
+
+public class Download {
+    public static void main(String[] argv) {
+        for (int i = 0; i + 2 < argv.length; i += 3) {
+            String answer;
+            try {
+                ModelArchive.downloadModel(Arrays.asList(argv[i].split(",")), argv[i + 1], argv[i + 2], false);
+                answer = "loaded";
+            } catch (Throwable e) {
+                Throwable root = e;
+                while (root.getCause() != null) root = root.getCause();
+                answer = e.getClass().getSimpleName() + "/" + root.getClass().getSimpleName();
+            }
+            System.out.println("= " + answer);
+        }
+    }
+}
+"""
+# (allowed_urls pattern, URL a caller sends): each gets past validateURL and is opened.
+OTHER_SHAPES = [
+    ("file:/[^/].*", "file:{outside}"),  # one slash: a local file, no host
+    (r" ?https://models\.example\.com/.*| file://.*", " file://{outside}"),  # blanks skipped
+    ("\tfile://localhost/store/.*|\tfile:/.*", "\tfile:{outside}"),
+    ("url:.*", "url:file:{outside}"),  # java.net.URL drops a leading `url:`
+    ("jar:.*", "jar:file:{jar}!/m.mar"),  # an entry of a local (or remote) jar
+    ("ftp://.*", "ftp://127.0.0.1:1/m.mar"),  # fetched over FTP
+]
+
+
+@pytest.fixture(scope="module")
+def downloads(world: dict[str, Path]) -> list[tuple[str, Path]]:
+    """Each case run by TorchServe's download code, into its own empty store."""
+    if JAVA is None:
+        pytest.skip("Java is not installed")
+    outside = world["root"] / "outside.mar"
+    outside.write_bytes(b"not verified\n")
+    jar = world["root"] / "outside.jar"
+    with zipfile.ZipFile(jar, "w") as zf:
+        zf.writestr("m.mar", b"not verified either\n")
+    argv, stores = [], []
+    for n, (pattern, url) in enumerate(OTHER_SHAPES):
+        store = world["root"] / f"dl{n}"
+        store.mkdir()
+        stores.append(store)
+        argv += [pattern, str(store), url.format(outside=outside, jar=jar)]
+    source = world["root"] / "Download.java"
+    source.write_text(DOWNLOAD)
+    run = subprocess.run([str(JAVA), "-cp", str(JAR), str(source), *argv], capture_output=True,
+                         text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    answers = [line[2:] for line in run.stdout.splitlines() if line.startswith("= ")]
+    return list(zip(answers, stores, strict=True))
+
+
+@needs_java
+@pytest.mark.parametrize("case", range(len(OTHER_SHAPES)), ids=[p for p, _ in OTHER_SHAPES])
+def test_allowed_urls_admitting_other_url_shapes_is_high(
+        case: int, downloads: list[tuple[str, Path]], world: dict[str, Path],
+        tmp_path: Path) -> None:
+    answer, store = downloads[case]
+    pattern, url = OTHER_SHAPES[case]
+    if url.startswith("ftp:"):  # it tried to connect: FtpURLConnection, refused on port 1
+        assert answer == "DownloadArchiveException/ConnectException"
+    else:  # the archive from outside the store was copied into it
+        assert [p.name for p in store.iterdir()] == ["outside.mar" if "jar:" not in url
+                                                     else "m.mar"], answer
+    config = tmp_path / "c.properties"
+    config.write_text(_hardened(world["s1"], {"allowed_urls": pattern}))
+    command = f"torchserve --start --ncs --ts-config {config} --model-store {world['s1']}"
+    found = _findings(config, cmdline=command)
+    assert [f for f in found if f[0] == "allowed_urls"] == [("allowed_urls", "high")]

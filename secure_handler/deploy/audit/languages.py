@@ -47,6 +47,34 @@ class Dfa:
         return Dfa(_complete(moves), frozenset(range(len(prefix), n)) | {n + 2})
 
 
+    @staticmethod
+    def unprefixed(prefixes: Sequence[str]) -> Dfa:
+        """Strings that leave every one of `prefixes` (ASCII case ignored) at some character:
+        a trie of the prefixes whose every other move goes to the accepting `outside` state.
+        A string that ends inside the trie (a part of a prefix) is not accepted."""
+        nodes: list[dict[str, int]] = [{}]
+        ends: set[int] = set()
+        for prefix in prefixes:
+            node = 0
+            for char in prefix.lower():
+                if char not in nodes[node]:
+                    nodes.append({})
+                    nodes[node][char] = len(nodes) - 1
+                node = nodes[node][char]
+            ends.add(node)
+        inside, outside = len(nodes), len(nodes) + 1
+        moves: list[tuple[tuple[CharSet, int], ...]] = []
+        for node, children in enumerate(nodes):
+            if node in ends:  # a whole prefix is read: judged elsewhere
+                moves.append(((ANY, inside),))
+                continue
+            steps = [(CharSet.of(c).case_insensitive(), n) for c, n in children.items()]
+            rest = CharSet.union_all(chars for chars, _ in steps).complement()
+            moves.append((*steps, (rest, outside)))
+        moves += [((ANY, inside),), ((ANY, outside),)]
+        return Dfa(_complete(moves), frozenset({outside}))
+
+
 def _dfa_live(dfa: Dfa) -> frozenset[int]:
     """States from which an accepting state can still be reached."""
     seen = set(dfa.accepting)

@@ -59,8 +59,22 @@ def allowed_urls(ctx: AuditContext) -> Iterator[ConfigFinding]:
     yield from sorted(found, key=lambda f: RANK[f.severity])[:1]
 
 
+#: The URL shapes judged below; `java.net.URL` opens more (leading blanks and `url:` are
+#: skipped, `file:/path` is a local file, ftp: and jar: fetch), so a pattern that admits any
+#: other string is refused.
+_JUDGED_SHAPES = ("http://", "https://", "file://")
+
+
 def _judge(ctx: AuditContext, pattern: str, nfa: Nfa, state: str) -> Iterator[ConfigFinding]:
     cwe, cve = ("CWE-918", "CWE-494"), ("CVE-2023-43654",)
+    other = witness(nfa, Dfa.unprefixed(_JUDGED_SHAPES))
+    if other is not None:
+        yield ctx.finding("high", "allowed_urls", f"allowed_urls is {state}: `{pattern}` "
+                          f"admits {other!r}, which does not start with http://, https:// or "
+                          "file://; TorchServe opens what it admits with java.net.URL, which "
+                          "skips leading blanks and `url:`, reads `file:/path` as a local file "
+                          "and fetches ftp: and jar: URLs.", _fix(ctx), cwe=cwe, cve=cve)
+        return
     use = ("a register or workflow call (the workflow API is not gated by enable_model_api) "
            "or load_models makes the server download and run an archive")
     for scheme, transport in (("http://", "plain http"), ("https://", "https"),
