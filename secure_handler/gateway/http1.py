@@ -168,12 +168,16 @@ class HttpPool:
     async def _exchange(self, conn: _Connection, head: bytes, body: bytes | None) -> RawResponse:
         conn.writer.write(head + body if body else head)
         response = _Reader(self._limit)
-        answered = False
+        answered, total = False, 0
         while not response.complete:
             data = await conn.reader.read(65536)
             if not data:
                 raise UpstreamClosed("TorchServe closed the connection", answered)
-            answered = True
+            answered, total = True, total + len(data)
+            if total > self._limit + 65536:
+                # Headers a handler set (set_response_header) are buffered by the parser
+                # too: the whole answer is bounded, not only its body.
+                raise ResponseTooLarge("TorchServe's answer is too large")
             try:
                 response.parser.feed_data(data)
             except httptools.HttpParserCallbackError as exc:

@@ -197,6 +197,42 @@ def test_torchserve_cookies_are_never_replayed_or_passed_on(
     assert not [h for h in upstream.heads if b"cookie:" in h.lower()]
 
 
+class _EndlessHeaderUpstream(_CookieUpstream):
+    """A stand-in whose answer's header section never ends (a handler can set headers)."""
+
+    def _conn(self, conn: socket.socket) -> None:
+        with conn:
+            conn.recv(65536)
+            try:
+                conn.sendall(b"HTTP/1.1 200 OK\r\nX-Handler: ")
+                for _ in range(4096):  # up to 256 MiB, unless the gateway hangs up first
+                    conn.sendall(b"a" * 65536)
+            except OSError:
+                self.heads.append(b"hung up")
+
+
+def test_an_endless_upstream_header_is_bounded_and_answered_502(
+    make_config: MakeConfig, keys: KeySet,
+) -> None:
+    upstream = _EndlessHeaderUpstream()
+    try:
+        base = f"http://127.0.0.1:{upstream.port}"
+        config = make_config(keys, upstream={"inference_url": base, "management_url": base,
+                                              "max_response_bytes": 1024 * 1024})
+        headers = {"Authorization": f"Bearer {keys.plain['infer']}", "Content-Type": "image/jpeg"}
+        with serve_gateway(config) as url:
+            answer = httpx.post(url + "/predictions/tiny", content=image_bytes("red"),
+                                headers=headers, timeout=60)
+            deadline = time.monotonic() + 10
+            while not upstream.heads and time.monotonic() < deadline:
+                time.sleep(0.05)
+    finally:
+        upstream.close()
+    assert answer.status_code == 502
+    assert answer.json()["error"]["code"] == "upstream_unavailable"
+    assert upstream.heads == [b"hung up"]
+
+
 # --- the per-address limiter under address churn ---------------------------------------------
 
 
