@@ -20,7 +20,14 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from secure_handler.deploy.audit import ConfigFinding, audit_file, blocking, format_findings
+from secure_handler.deploy.audit import (
+    AuditContext,
+    ConfigFinding,
+    audit_file,
+    blocking,
+    format_findings,
+)
+from secure_handler.deploy.audit.jregex import JavaRegexError, compile_java
 from secure_handler.deploy.common import (
     EXIT_FINDINGS,
     EXIT_OK,
@@ -172,6 +179,32 @@ def _server_env(lock: Path) -> dict[str, str]:
     return {TRUST_STORE_ENV: str(lock.resolve())}
 
 
+def trust_store_hidden(config: Path, cmdline: Sequence[str],
+                       environ: Mapping[str, str]) -> str | None:
+    """Why the workers would not see `$SECURE_HANDLER_TRUST_STORE`, or None.
+
+    TorchServe hands a worker every variable that `blacklist_env_vars` (config or, with
+    `enable_envvars_config`, `TS_BLACKLIST_ENV_VARS`) does not fully match. A pattern that
+    matches the trust-store variable turns the worker's pin off without a word, so a pattern
+    that does, or one that cannot be read the way Java reads it, refuses the start.
+    """
+    text = config.read_bytes().decode("latin-1")
+    ctx = AuditContext.build(text, config_path=config, cmdline=cmdline, environ=environ)
+    pattern = ctx.get("blacklist_env_vars")
+    if not pattern:
+        return None
+    fix = f"write blacklist_env_vars so that it does not match {TRUST_STORE_ENV}"
+    try:
+        hides = compile_java(pattern).matches(TRUST_STORE_ENV)
+    except JavaRegexError as exc:
+        return (f"blacklist_env_vars {pattern!r} cannot be read as Java reads it ({exc}), so it "
+                f"may hide {TRUST_STORE_ENV} from the workers and turn their pin off; {fix}")
+    if hides:
+        return (f"blacklist_env_vars {pattern!r} matches {TRUST_STORE_ENV}: the workers would "
+                f"not see the lock and would load models unpinned; {fix}")
+    return None
+
+
 def _models_to_wait_for(props: Mapping[str, str], lock: Path) -> list[str]:
     by_mar = {str(m["mar"]): str(m["name"]) for m in _lock_models(lock)}
     names = []
@@ -214,6 +247,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if blocking(findings):
         print(f"refusing to start with {config}:", file=sys.stderr)
         print(format_findings(findings), file=sys.stderr)
+        return EXIT_FINDINGS
+    hidden = trust_store_hidden(config, server.command(), server.environment())
+    if hidden:
+        print(f"refusing to start with {config}: {hidden}", file=sys.stderr)
         return EXIT_FINDINGS
     props = load_properties(config)
     state = _start(server, props, args, lock, state_file)

@@ -53,14 +53,14 @@ def verify_trust_store(
         IntegrityError: no store or entry where one is required, or no entry matches.
     """
     store_path = os.environ.get(TRUST_STORE_ENV)
-    if not store_path:
+    if store_path is None:
         if required:
             raise IntegrityError(
                 f"require_pin is set but ${TRUST_STORE_ENV} is not set in the TorchServe "
                 "environment; point it at the lock file from `secure-handler lock`"
             )
         return False
-    store = _read_trust_store(store_path)
+    store = _read_trust_store(_operator_path(store_path, model_dir))
     entries = [e for e in store["models"] if e.get("name") == name]
     if not entries:
         if store.get("require_pin", True) is False:
@@ -82,6 +82,30 @@ def verify_trust_store(
     logger.info("model %r matches trust store entry %s (version %s)", name,
                 entry.get("mar"), entry.get("version"))
     return True
+
+
+def _operator_path(store_path: str, model_dir: str | os.PathLike[str] | None) -> str:
+    """The store must be named absolutely and lie outside the model directory.
+
+    The worker's cwd is the extracted archive: a relative name (`lock.json`), or a path that
+    resolves into the model directory, would read a lock the archive itself brought. An empty
+    value is a pin switched off by mistake, not a choice: refused too.
+    """
+    if not os.path.isabs(store_path):
+        raise IntegrityError(
+            f"${TRUST_STORE_ENV}={store_path!r} is not an absolute path: the worker runs in the "
+            "extracted archive, so a relative one would name a file the archive brought. Set "
+            "it to the absolute path of the lock (`secure-handler serve` does), or unset it"
+        )
+    resolved = Path(store_path).resolve()
+    inside = Path(model_dir if model_dir is not None else Path.cwd()).resolve()
+    if resolved == inside or inside in resolved.parents:
+        raise IntegrityError(
+            f"${TRUST_STORE_ENV} resolves to {resolved}, inside the model directory {inside}: "
+            "a lock there came with the archive. Keep the lock outside the model store and "
+            "its extracted copies"
+        )
+    return str(resolved)
 
 
 def _read_trust_store(store_path: str) -> dict[str, Any]:
