@@ -474,3 +474,21 @@ def test_allowed_urls_admitting_other_url_shapes_is_high(
     command = f"torchserve --start --ncs --ts-config {config} --model-store {world['s1']}"
     found = _findings(config, cmdline=command)
     assert [f for f in found if f[0] == "allowed_urls"] == [("allowed_urls", "high")]
+
+
+def test_extraction_folder_others_can_write_is_high(world: dict[str, Path],
+                                                    tmp_path: Path) -> None:
+    # ZipUtils.unzip: FileUtils.getTempDirectory()/models/<uuid>, the worker's directory.
+    config = tmp_path / "c.properties"
+    config.write_text(_hardened(world["s1"]))
+    command = f"torchserve --start --ncs --ts-config {config} --model-store {world['s1']}"
+    temp = tmp_path / "temp"
+    (temp / "models").mkdir(parents=True)
+    temp.chmod(0o755)
+    (temp / "models").chmod(0o777)
+    assert ("TEMP", "high") in _findings(config, cmdline=command, env={"TEMP": str(temp)})
+    (temp / "models").chmod(0o755)
+    temp.chmod(0o777)  # not sticky: anyone can rename `models` away and put theirs
+    assert ("TEMP", "high") in _findings(config, cmdline=command, env={"TEMP": str(temp)})
+    temp.chmod(0o755)
+    assert _findings(config, cmdline=command, env={"TEMP": str(temp)}) == []

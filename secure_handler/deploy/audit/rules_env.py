@@ -147,6 +147,20 @@ def _is_installed_home(value: str) -> bool:
         return False
 
 
+def extraction_folder(ctx: AuditContext) -> Iterator[ConfigFinding]:
+    """TorchServe unpacks every archive into `<java.io.tmpdir>/models/<uuid>` and the worker
+    runs from there; the launcher sets java.io.tmpdir from TEMP (else the JVM uses /tmp).
+    If another user owns or can write `models`, they can swap an unpacked model's files."""
+    models = Path(ctx.environ.get("TEMP") or "/tmp") / "models"
+    if models.exists() and _writable_chain(models):
+        yield ctx.finding("high", "TEMP", f"TorchServe unpacks archives into {models}/<id>, "
+                          "and another user owns or can write that folder (or one above it): "
+                          "they can replace an unpacked model's files before its worker "
+                          "loads them.", "Set TEMP to a folder only the server's user can "
+                          "write (the launcher passes it as -Djava.io.tmpdir).",
+                          cwe=["CWE-377", "CWE-732"], source="environment", value=str(models))
+
+
 def unknown_environment(ctx: AuditContext) -> Iterator[ConfigFinding]:
     for name, value in sorted(ctx.environ.items()):
         if name.upper().startswith(WATCHED_PREFIXES) and name not in _KNOWN:
@@ -158,4 +172,4 @@ def unknown_environment(ctx: AuditContext) -> Iterator[ConfigFinding]:
                               value=value)
 
 
-RULES = (loader_environment, model_server_home, unknown_environment)
+RULES = (loader_environment, model_server_home, extraction_folder, unknown_environment)
