@@ -241,10 +241,18 @@ class TextClassifierLimits(TextLimits, _OutputLimits):
 
     model_input: Literal["ids_mask", "bag"] = "ids_mask"
     # bucketed: rows sorted by length, cut into sub-batches where a cut saves more padded
-    # positions than bucket_split_tokens (the price of one more forward); longest: one batch
-    # padded to its longest row; max_tokens: padded to max_tokens (fixed-shape models).
+    # positions than bucket_split_tokens (the price of one more forward; auto: measured once
+    # at start); longest: one batch padded to its longest row; max_tokens: padded to
+    # max_tokens (fixed-shape models).
     padding: Literal["bucketed", "longest", "max_tokens"] = "bucketed"
-    bucket_split_tokens: int = Field(256, ge=0, le=1_000_000)
+    bucket_split_tokens: int | Literal["auto"] = Field("auto", union_mode="left_to_right")
+
+    @field_validator("bucket_split_tokens")
+    @classmethod
+    def _split_range(cls, value: int | str) -> int | str:
+        if isinstance(value, int) and not 0 <= value <= 1_000_000:
+            raise ValueError("must be auto or between 0 and 1,000,000 positions")
+        return value
 
 
 # --- object detection -------------------------------------------------------------------------

@@ -222,8 +222,9 @@ def texts_of_mixed_length() -> list[str]:
     return [" ".join(rng.choice(WORDS) for _ in range(n)) for n in lengths]
 
 
-def handler_for(directory: Path, padding: str, batch_size: int) -> tuple[SecureTextClassifier, object]:
-    config = {"padding": padding, "max_tokens": 256, "bucket_split_tokens": 32}
+def handler_for(directory: Path, padding: str, batch_size: int,
+                split: int | str = 32) -> tuple[SecureTextClassifier, object]:
+    config = {"padding": padding, "max_tokens": 256, "bucket_split_tokens": split}
     ctx = make_context(directory, MANIFEST, {"handler": config}, batch_size=batch_size)
     handler = SecureTextClassifier()
     handler.initialize(ctx)
@@ -265,3 +266,40 @@ def test_bucketed_answers_equal_batch_one_through_handle(text_model: Path) -> No
                 p["class"] for p in want["predictions"]]
             for g, w in zip(got["predictions"], want["predictions"], strict=True):
                 assert g["probability"] == pytest.approx(w["probability"], abs=2e-4)
+
+
+# --- bucket_split_tokens: auto ------------------------------------------------------------------
+
+
+def test_auto_split_is_measured_within_its_range(text_model: Path) -> None:
+    handler, _ = handler_for(text_model, "bucketed", 16, split="auto")
+    low, high = B.SPLIT_TOKENS_RANGE
+    assert low <= handler.split_tokens <= high
+    fixed, _ = handler_for(text_model, "bucketed", 16, split=100)
+    assert fixed.split_tokens == 100
+    unused, _ = handler_for(text_model, "longest", 16, split="auto")
+    assert unused.split_tokens == 0
+
+
+def test_auto_split_falls_back_when_the_model_cannot_run(tmp_path: Path) -> None:
+    # An EmbeddingBag model called with (ids, mask): every forward fails, so does the
+    # measurement; the worker still starts (its batches get 500, as without buckets).
+    class Bag(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.bag = nn.EmbeddingBag(VOCAB_SIZE, 3, mode="sum")
+
+        def forward(self, ids: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+            return self.bag(ids, offsets)
+
+    handler, _ = handler_for(model_dir(tmp_path, Bag()), "bucketed", 4, split="auto")
+    assert handler.split_tokens == 256
+
+
+@pytest.mark.parametrize("value", [-1, 1_000_001, "fast", 2.5])
+def test_split_setting_must_be_auto_or_a_count(value: object) -> None:
+    from secure_handler import ConfigurationError, TextClassifierLimits
+    from secure_handler.limits import build_limits
+
+    with pytest.raises(ConfigurationError, match="bucket_split_tokens"):
+        build_limits(TextClassifierLimits, {"bucket_split_tokens": value})

@@ -5,7 +5,9 @@ Three layouts of the same rows (`handler.padding`):
 * `bucketed` (default): the rows sorted by length and cut into sub-batches of similar length,
   one forward each. A cut is made where it saves more padded positions than
   `bucket_split_tokens`, the price of one more forward (a dynamic-programming split of the
-  sorted lengths, so the result depends only on the lengths, never on timing);
+  sorted lengths). With `auto` that price is measured once at start
+  (`measure_split_tokens`): a Transformer's forward is worth about ten positions, a
+  bag-of-words model's over a thousand. After that, the plan depends only on the lengths;
 * `longest`: one batch padded to its longest row (dynamic padding);
 * `max_tokens`: one batch padded to `max_tokens` (for models traced at a fixed length).
 
@@ -18,6 +20,7 @@ its rows' places, so every answer matches what the row gets when sent alone.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -25,8 +28,8 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
-__all__ = ["Part", "TextBatch", "bag_batch", "build_batch", "pad_batch", "plan_buckets",
-           "run_parts"]
+__all__ = ["Part", "TextBatch", "bag_batch", "build_batch", "measure_split_tokens", "pad_batch",
+           "plan_buckets", "run_parts"]
 
 Ids = npt.NDArray[np.int64]
 
@@ -138,9 +141,37 @@ def build_batch(items: Sequence[Sequence[int] | Ids], layout: str, pad_id: int,
     return TextBatch(size, tuple(parts))
 
 
+Forward = Callable[[tuple[torch.Tensor, torch.Tensor]], torch.Tensor]
+
+# What `auto` may measure: a forward is worth 8 to 4,096 padded positions.
+SPLIT_TOKENS_RANGE = (8, 4096)
+
+
+def measure_split_tokens(forward: Forward, token_id: int) -> int:
+    """The price of one more forward, in padded positions, measured once at start.
+
+    The fastest of three calls (after one that may compile) at 1 x 1 and at 4 x 32 tokens
+    gives the fixed cost of a call and the cost of a position; their ratio, within
+    `SPLIT_TOKENS_RANGE`. Only the plan depends on it, never an answer.
+    """
+    def fastest(rows: int, width: int) -> float:
+        ids = torch.full((rows, width), token_id, dtype=torch.int64)
+        mask = torch.ones((rows, width), dtype=torch.int64)
+        times = []
+        for _ in range(4):
+            start = time.perf_counter()
+            forward((ids, mask))
+            times.append(time.perf_counter() - start)
+        return min(times[1:])
+
+    fixed = fastest(1, 1)
+    per_position = max(fastest(4, 32) - fixed, 1e-9) / (4 * 32 - 1)
+    low, high = SPLIT_TOKENS_RANGE
+    return int(min(high, max(low, fixed / per_position)))
+
+
 def run_parts(batch: TextBatch,
-              forward: Callable[[tuple[torch.Tensor, torch.Tensor]], torch.Tensor]
-              ) -> torch.Tensor:
+              forward: Forward) -> torch.Tensor:
     """`forward` each part, then the logits `[B, classes]` in the batch's row order.
 
     Raises:

@@ -15,6 +15,7 @@ Model contract (TorchScript), chosen with `handler.model_input`:
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
@@ -33,6 +34,10 @@ from secure_handler.serving.text import tokenize as text
 __all__ = ["SecureTextClassifier"]
 
 JSON_TYPE = "application/json"
+#: `bucket_split_tokens` when `auto` cannot measure (the model fails on a 1 x 1 input).
+FALLBACK_SPLIT_TOKENS = 256
+
+logger = logging.getLogger(__name__)
 
 
 class SecureTextClassifier(SecureBaseHandler):
@@ -55,10 +60,31 @@ class SecureTextClassifier(SecureBaseHandler):
         model_dir = Path(self.context.system_properties.get("model_dir") or ".")
         self.tokenizer = text.make_tokenizer(model_dir, self.limits)
         normalize.prepare(self.limits)
+        self.split_tokens = self._split_tokens()
         if self.labels is not None:
             self.label_map = dict(enumerate(self.labels))
         else:
             self.label_map = load_labels(model_dir / "index_to_name.json")
+
+    def _split_tokens(self) -> int:
+        """`bucket_split_tokens`, measured on this model when `auto` (see `batching.py`)."""
+        limits: TextClassifierLimits = self.limits
+        if limits.bucket_split_tokens != "auto":
+            return int(limits.bucket_split_tokens)
+        if limits.padding != "bucketed" or limits.model_input == "bag":
+            return 0  # no buckets are cut
+        try:
+            with torch.inference_mode():
+                measured = batching.measure_split_tokens(self._forward, self.tokenizer.pad_id)
+        except Exception as exc:  # a broken model fails its batches (500), not the worker
+            logger.warning("could not measure bucket_split_tokens (%s); using %d",
+                           type(exc).__name__, FALLBACK_SPLIT_TOKENS)
+            return FALLBACK_SPLIT_TOKENS
+        logger.info("bucket_split_tokens: %d (measured)", measured)
+        return measured
+
+    def _forward(self, inputs: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        return self.model(*(self.to_device(t) for t in inputs))  # type: ignore[no-any-return]
 
     # --- per request ---------------------------------------------------------------------
 
@@ -108,12 +134,11 @@ class SecureTextClassifier(SecureBaseHandler):
         limits: TextClassifierLimits = self.limits
         layout = "bag" if limits.model_input == "bag" else limits.padding
         return batching.build_batch(items, layout, self.tokenizer.pad_id, limits.max_tokens,
-                                    limits.bucket_split_tokens)
+                                    self.split_tokens)
 
     def infer(self, batch: batching.TextBatch) -> torch.Tensor:
         with torch.inference_mode():
-            return batching.run_parts(
-                batch, lambda inputs: self.model(*(self.to_device(t) for t in inputs)))
+            return batching.run_parts(batch, self._forward)
 
     def format_outputs(self, outputs: Any, items: Sequence[Any]) -> list[Any]:
         limits: TextClassifierLimits = self.limits
