@@ -20,8 +20,8 @@ a shared machine; 2 threads on 2 busy cores were 10-100x slower from OpenMP spin
 
 Three batch layouts from the same requests:
 * bucketed: `padding: bucketed` (the default): rows sorted by length and cut into
-  sub-batches where a cut saves more padded positions than `bucket_split_tokens` (256), one
-  forward each;
+  sub-batches where a cut saves more padded positions than `bucket_split_tokens` (`auto`:
+  the price of one more forward, measured once at start), one forward each;
 * dynamic: `padding: longest`: T = the longest request of the batch;
 * pad-to-max: `padding: max_tokens`: T = 256 for every batch, what a fixed-shape handler does.
 
