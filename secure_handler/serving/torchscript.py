@@ -49,11 +49,15 @@ ScriptIssue = tscode.CodeIssue
 class InspectLimits:
     """Bounds on what one inspection reads, so a hostile file cannot make it expensive."""
 
+    # A scripted Transformer encoder prints ~80 KB of code (~17k AST nodes) and ~80 KB of
+    # pickles: these bounds leave ample room and keep a worst case within seconds to tens of
+    # seconds on a loaded 2-core machine (judging costs tens of microseconds a token).
     max_members: int = 50_000
     max_code_bytes: int = 8 << 20
-    max_total_code_bytes: int = 64 << 20
-    max_pickle_bytes: int = 256 << 20
-    max_ast_nodes: int = 4_000_000
+    max_total_code_bytes: int = 32 << 20
+    max_pickle_bytes: int = 64 << 20
+    max_code_tokens: int = 500_000
+    max_pickle_opcodes: int = 2_000_000
     max_issues: int = 100
 
 
@@ -128,7 +132,8 @@ class _Inspection:
         self.issues: list[ScriptIssue] = []
         self.program = tscode.Program()
         self.code_bytes = 0
-        self.nodes = 0
+        self.tokens = 0
+        self.opcodes = 0
 
     def add(self, issues: Iterator[ScriptIssue] | list[ScriptIssue]) -> None:
         for issue in issues:
@@ -181,7 +186,12 @@ class _Inspection:
             text = self._read_code(name, info)
             if text is None:
                 continue
-            problem = _lexical_problem(text)
+            problem, tokens = _lexical_problem(text, self.limits.max_code_tokens - self.tokens)
+            self.tokens += tokens
+            if self.tokens > self.limits.max_code_tokens:
+                self.add([_issue(name, "code size",
+                                 f"all code over {self.limits.max_code_tokens} tokens")])
+                raise _Stop
             if problem:
                 self.add([_issue(name, "source text", problem)])
                 continue
@@ -190,10 +200,6 @@ class _Inspection:
             except (SyntaxError, ValueError, RecursionError, MemoryError) as exc:
                 self.add([_issue(name, "source text", f"does not parse: {exc}")])
                 continue
-            self.nodes += sum(1 for _ in ast.walk(tree))
-            if self.nodes > self.limits.max_ast_nodes:
-                self.add([_issue(name, "code size", f"over {self.limits.max_ast_nodes} nodes")])
-                raise _Stop
             tscode.collect(tree, _qualifier(name), self.program)
             trees.append((name, tree))
         return trees
@@ -219,7 +225,7 @@ class _Inspection:
         if data is None:
             yield _issue(name, "pickle size", f"over {self.limits.max_pickle_bytes} bytes")
             return
-        yield from _walk_pickle(name, io.BytesIO(data), self.program)
+        yield from _walk_pickle(name, io.BytesIO(data), self.program, self)
 
 
 class _Stop(Exception):
@@ -234,8 +240,9 @@ def _read_bounded(zf: zipfile.ZipFile, info: zipfile.ZipInfo, limit: int) -> byt
     return None if len(data) > limit else data
 
 
-def _lexical_problem(text: str) -> str | None:
-    """Why the text is not in the printer's plain form, or None.
+def _lexical_problem(text: str, budget: int) -> tuple[str | None, int]:
+    """Why the text is not in the printer's plain form (or None), and how many tokens were
+    read: at most `budget` + 1, so an oversized member stops the tokenizer early.
 
     Python's parser and TorchScript's lexer must see the same tokens, or text that Python reads
     as a string could be code to TorchScript. So the text must be printable ASCII with `\\n`
@@ -244,20 +251,24 @@ def _lexical_problem(text: str) -> str | None:
     """
     if not _PRINTABLE.fullmatch(text):
         bad = next(c for c in text if not _PRINTABLE.fullmatch(c))
-        return f"character {bad!r}: only printable ASCII and \\n line ends are allowed"
+        return f"character {bad!r}: only printable ASCII and \\n line ends are allowed", 0
     if "\\\n" in text:
-        return "backslash line continuation"
+        return "backslash line continuation", 0
+    count = 0
     try:
         for token in tokenize.generate_tokens(io.StringIO(text).readline):
+            count += 1
+            if count > budget:
+                return None, count
             if token.type == tokenize.COMMENT:
-                return f"comment on line {token.start[0]}"
+                return f"comment on line {token.start[0]}", count
             if token.type == tokenize.STRING and (
                 token.string[0] not in "\"'" or token.string[:3] in ('"""', "'''")
             ):
-                return f"string literal {token.string[:20]!r} (prefixed or triple-quoted)"
+                return f"string literal {token.string[:20]!r} (prefixed or triple-quoted)", count
     except (tokenize.TokenError, IndentationError, SyntaxError) as exc:
-        return f"cannot tokenize: {exc}"
-    return None
+        return f"cannot tokenize: {exc}", count
+    return None, count
 
 
 def _member_role(name: str) -> str | None:
@@ -287,10 +298,18 @@ def _qualifier(name: str) -> str:
     return name[len("code/"): -len(".py")].replace("/", ".")
 
 
-def _walk_pickle(name: str, stream: IO[bytes], program: tscode.Program) -> Iterator[ScriptIssue]:
-    """Opcodes and globals of one pickle, read with `pickletools.genops` (executes nothing)."""
+def _walk_pickle(
+    name: str, stream: IO[bytes], program: tscode.Program, budget: _Inspection
+) -> Iterator[ScriptIssue]:
+    """Opcodes and globals of one pickle, read with `pickletools.genops` (executes nothing);
+    every opcode counts against `budget.opcodes`."""
     try:
         for opcode, arg, _pos in pickletools.genops(stream):
+            budget.opcodes += 1
+            if budget.opcodes > budget.limits.max_pickle_opcodes:
+                yield _issue(name, "pickle size",
+                             f"all pickles over {budget.limits.max_pickle_opcodes} opcodes")
+                raise _Stop
             if opcode.name not in _PICKLE_OPCODES:
                 yield _issue(name, f"pickle opcode {opcode.name}", "not one torch.jit.save "
                              "writes; refused as not understood")

@@ -222,10 +222,16 @@ class _Body:
             yield from self.constant(default)
         if node.returns is not None:
             yield from self.type_expr(node.returns)
-        for item in ast.walk(node):
-            if isinstance(item, ast.Name) and isinstance(item.ctx, ast.Store):
-                yield from self.bind(item, item.id)
-        self.callables = _callable_aliases(node)
+        stores, aliases = _stores_and_aliases(node)
+        for item in stores:
+            yield from self.bind(item, item.id)
+        # Locals bound only to `__torch__` functions (the printer hoists callees: `_0 =
+        # __torch__.torch.nn.functional.relu`) may be called: that calls the program's code,
+        # judged where the chain is assigned.
+        targets = {id(alias) for alias in aliases}
+        others = {a.arg for a in [*args.posonlyargs, *args.args]}
+        others.update(item.id for item in stores if id(item) not in targets)
+        self.callables = {alias.id for alias in aliases} - others
         for statement in node.body:
             yield from self.visit(statement)
 
@@ -381,21 +387,17 @@ class _Body:
             yield self.issue(node, ast.unparse(node)[:60], "not a constant")
 
 
-def _callable_aliases(node: ast.FunctionDef) -> set[str]:
-    """Locals the printer binds to functions (`_0 = __torch__.torch.nn.functional.relu`) and
-    never stores anything else in: calling one calls code of the program (each chain is judged
-    where it is assigned)."""
-    aliases: set[str] = set()
-    alias_targets: set[int] = set()
+def _stores_and_aliases(node: ast.FunctionDef) -> tuple[list[ast.Name], list[ast.Name]]:
+    """One walk: every name the function stores, and the targets of `NAME = __torch__.<...>`."""
+    stores: list[ast.Name] = []
+    aliases: list[ast.Name] = []
     for item in ast.walk(node):
-        if (isinstance(item, ast.Assign) and len(item.targets) == 1
-                and isinstance(item.targets[0], ast.Name) and _is_torch_chain(item.value)):
-            aliases.add(item.targets[0].id)
-            alias_targets.add(id(item.targets[0]))
-    others = {a.arg for a in [*node.args.posonlyargs, *node.args.args]}
-    others.update(item.id for item in ast.walk(node) if isinstance(item, ast.Name)
-                  and isinstance(item.ctx, ast.Store) and id(item) not in alias_targets)
-    return aliases - others
+        if isinstance(item, ast.Name) and isinstance(item.ctx, ast.Store):
+            stores.append(item)
+        elif (isinstance(item, ast.Assign) and len(item.targets) == 1
+              and isinstance(item.targets[0], ast.Name) and _is_torch_chain(item.value)):
+            aliases.append(item.targets[0])
+    return stores, aliases
 
 
 def _is_torch_chain(node: ast.expr) -> bool:

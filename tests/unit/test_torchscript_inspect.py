@@ -287,7 +287,8 @@ def test_pickle_globals_and_opcodes_outside_the_allowlist_are_refused(
         (InspectLimits(max_members=3), "members"),
         (InspectLimits(max_code_bytes=100), "code size"),
         (InspectLimits(max_pickle_bytes=10), "pickle size"),
-        (InspectLimits(max_ast_nodes=10), "code size"),
+        (InspectLimits(max_code_tokens=10), "code size"),
+        (InspectLimits(max_pickle_opcodes=3), "pickle size"),
     ],
 )
 def test_cost_is_bounded(plus: Path, limits: InspectLimits, what: str) -> None:
