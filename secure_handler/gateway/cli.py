@@ -141,7 +141,13 @@ def _run(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     configure_logging(args.log_level)
     _warn_if_exposed(config)
-    server = uvicorn.Server(server_config(create_app(config), config))
+    try:
+        app = create_app(config)
+    except OSError as exc:  # the audit log: a symlink at the path (O_NOFOLLOW), no permission
+        print(f"secure-handler gateway: audit log {config.audit_log}: {exc.strerror}",
+              file=sys.stderr)
+        return EXIT_USAGE
+    server = uvicorn.Server(server_config(app, config))
     _exit_cleanly_on_stop_signals()
     server.run()  # SIGTERM/SIGINT: stop accepting, finish in-flight requests, then lifespan end
     return EXIT_OK

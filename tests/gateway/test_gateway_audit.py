@@ -11,7 +11,10 @@ and 9), plus TorchServe's cookies (finding 7) and the per-address limiter under 
 from __future__ import annotations
 
 import json
+import os
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -20,6 +23,7 @@ from pathlib import Path
 import httpx
 import pytest
 from gateway_support import (
+    REPO,
     KeySet,
     MakeConfig,
     Upstream,
@@ -109,6 +113,24 @@ def test_a_symlink_planted_at_the_audit_path_is_not_followed(
     audit.symlink_to(victim)
     refused = httpx.get(url + "/models", headers=ops)
     assert refused.status_code == 503
+    assert victim.read_text() == "precious\n"
+
+
+def test_a_symlink_at_the_audit_path_stops_the_gateway_at_start(
+    make_config: MakeConfig, keys: KeySet, tmp_path: Path,
+) -> None:
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious\n")
+    config = make_config(keys)
+    config.audit_log.symlink_to(victim)
+    path = write_config(config, tmp_path / "gateway.yaml")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    started = subprocess.run(
+        [sys.executable, "-m", "secure_handler.cli", "gateway", "--config", str(path),
+         "--port", str(free_port())], cwd=REPO, env=env, capture_output=True, text=True,
+        timeout=120)
+    assert started.returncode == 2
+    assert "audit log" in started.stderr
     assert victim.read_text() == "precious\n"
 
 
