@@ -10,8 +10,9 @@ holds two archives: the inspector passes a harmless program while torch loads an
 Rather than model each reader, a TorchScript file must be in the one form `torch.jit.save`
 writes, where every reader agrees: the end record is the last 22 bytes (no comment), any
 ZIP64 end record sits where its locator points and repeats the 32-bit values, the central
-directory ends exactly where the end records begin, its entries are unique printable-ASCII
-names with no comments, disks or unknown flags, and the members tile the file from offset 0
+directory ends exactly where the end records begin, its entries are printable-ASCII names,
+unique whatever their case (miniz looks names up case-insensitively), with no comments, disks
+or unknown flags, and the members tile the file from offset 0
 in directory order (local header, data, data descriptor) up to the directory, each local
 header repeating its central entry. Pure byte-level checks (only the standard library), so
 both the supply side and the worker import it.
@@ -88,12 +89,18 @@ def _check(fh: BinaryIO, max_members: int) -> list[_Entry]:
     records_end = cd_offset + cd_size
     if total > max_members:
         raise _Refused(f"{total} members, limit {max_members}")
-    entries, pos, names = [], cd_offset, set()
+    entries, pos, names = [], cd_offset, dict[bytes, bytes]()
     for _ in range(total):
         entry, pos = _central(fh, pos)
-        if entry.name in names:
-            raise _Refused(f"duplicate name {entry.name!r}: readers differ on which one wins")
-        names.add(entry.name)
+        # miniz looks names up without regard to ASCII case: `code/__torch__/MODS.py` can be
+        # loaded for `mods.py`. Names must be unique the way it compares them.
+        folded = entry.name.lower()
+        if folded in names:
+            raise _Refused(
+                f"duplicate name {entry.name!r} (as {names[folded]!r}; PyTorch's reader "
+                "ignores case): readers differ on which one wins"
+            )
+        names[folded] = entry.name
         entries.append(entry)
     if pos != records_end:
         raise _Refused("the directory's records do not fill its recorded size")

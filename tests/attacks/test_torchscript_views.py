@@ -3,8 +3,9 @@
 The TorchScript file inside a MAR is a zip too. The inspector (`serving.torchscript`) reads
 it with Python's `zipfile`; `torch.jit.load` reads it with PyTorch's reader (miniz). Each
 hostile file below is built from two real `torch.jit.save` files: a harmless program and one
-the inspector refuses (it prints). The first two are made so the two readers see different
-programs; the tests show that torch really loads the refused one while `zipfile` shows the
+the inspector refuses (it prints). The first three (a directory behind "prepended" bytes, a
+ZIP64 locator pointing elsewhere, a code file named again in another case) make the readers
+see different programs; the tests show that torch really loads the refused one while `zipfile` shows the
 harmless one, and that `zipview.check_single_view` refuses the file in `verify` (SH312) and in
 the worker's loader before torch sees it. Files `torch.jit.save` writes (and honest rewrites
 by `zipfile`) pass.
@@ -140,13 +141,25 @@ def zip64_locator(harmless: bytes, refused: bytes) -> bytes:
     return body + locator + end
 
 
+def case_variant(harmless: bytes, refused: bytes) -> bytes:
+    """miniz looks names up ignoring case: a `TWOPROGRAMS.py` before `twoprograms.py` is the
+    code torch compiles for the module, while zipfile lists both as different files."""
+    (code_name,) = [n for n, _ in _members(harmless) if n.endswith("/twoprograms.py")]
+    (other,) = [b for n, b in _members(refused) if n.endswith("/twoprograms.py")]
+    variant = (code_name.rsplit("/", 1)[0] + "/TWOPROGRAMS.py", other.replace(b"Refused",
+                                                                              b"Harmless"))
+    members = _members(harmless)
+    at = [n for n, _ in members].index(code_name)
+    return _zip([*members[:at], variant, *members[at:]])
+
+
 def _write(tmp_path: Path, data: bytes) -> Path:
     path = tmp_path / "model.pt"
     path.write_bytes(data)
     return path
 
 
-@pytest.mark.parametrize("craft", [prepended_directory, zip64_locator])
+@pytest.mark.parametrize("craft", [prepended_directory, zip64_locator, case_variant])
 def test_two_programs_in_one_file_are_refused_before_loading(
     craft: Any, programs: tuple[bytes, bytes], tmp_path: Path
 ) -> None:
@@ -154,7 +167,7 @@ def test_two_programs_in_one_file_are_refused_before_loading(
     # The threat is real: torch loads the program that prints, zipfile shows the other one.
     loaded = _load(path)
     with zipfile.ZipFile(path) as zf:
-        seen = b"".join(zf.read(n) for n in zf.namelist() if "/code/" in n and n.endswith(".py"))
+        seen = b"".join(zf.read(n) for n in zf.namelist() if n.endswith("/twoprograms.py"))
     assert 'print("not inspected")' in loaded
     assert b"print" not in seen
     with pytest.raises(UnsafeModelError, match="not in the one zip form torch.jit.save writes"):
