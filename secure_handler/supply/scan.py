@@ -34,10 +34,10 @@ from secure_handler.supply.policy import WAIVABLE_RULES, Policy, apply_policy, l
 from secure_handler.supply.scan_judge import (
     FIX,
     ScanContext,
-    class_names,
     judge_module,
     module_name,
 )
+from secure_handler.supply.scan_rules import shadows_outside_module
 
 __all__ = [
     "ScanContext",
@@ -168,11 +168,47 @@ def scan_tree(files: Mapping[str, bytes], prefix: str = "", policy: Policy | Non
     parsed = {m: t for m, (t, _) in trees.items()}
     classes = {module_name(m): class_names(t) for m, t in parsed.items()}
     context = ScanContext(_local_modules(files, parsed), classes)
+    refused += _shadowing(files, prefix)
     hits: list[tuple[Finding, str, str]] = []
     for member, (tree, lines) in trees.items():
         hits.extend(_hits(tree, member, f"{prefix}{member}", context, lines))
     findings, used = apply_policy(hits, policy)
     return ScanReport([*refused, *findings], used)
+
+
+def _shadowing(files: Iterable[str], prefix: str) -> list[Finding]:
+    """SH115 for each archive module or package whose top-level name a module outside the
+    archive has: the worker would run that one (already imported, or found first on
+    `sys.path`) while the scan judged the archive's, so `import os` could mean either."""
+    first: dict[str, str] = {}
+    for member in sorted(files):
+        first.setdefault(module_name(member).split(".")[0], member)
+    return [
+        finding("SH115", f"{prefix}{member}:1", f"the archive's module `{top}` takes the name "
+                f"of a module outside the archive; fix: {FIX['SH115']}")  # fmt: skip
+        for top, member in sorted(first.items())
+        if shadows_outside_module(top)
+    ]
+
+
+def class_names(tree: ast.Module) -> frozenset[str]:
+    """Names bound only by `class` statements anywhere in the module (never reassigned)."""
+    classes: set[str] = set()
+    other: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ClassDef):
+            classes.add(node.name)
+        elif isinstance(node, ast.FunctionDef):
+            other.add(node.name)
+        elif isinstance(node, ast.Name) and not isinstance(node.ctx, ast.Load):
+            other.add(node.id)
+        elif isinstance(node, ast.arg):
+            other.add(node.arg)
+        elif isinstance(node, ast.alias):
+            other.add(node.asname or node.name.split(".")[0])
+        elif isinstance(node, ast.ExceptHandler) and node.name:
+            other.add(node.name)
+    return frozenset(classes - other)
 
 
 def _local_modules(files: Iterable[str], trees: Mapping[str, ast.Module]

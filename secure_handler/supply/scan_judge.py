@@ -15,7 +15,7 @@ from pathlib import PurePosixPath
 
 from secure_handler.supply import scan_rules as R
 
-__all__ = ["FIX", "Hit", "ScanContext", "class_names", "judge_module", "module_name"]
+__all__ = ["FIX", "Hit", "ScanContext", "judge_module", "module_name"]
 
 #: Every builtin not on the allowlist (`__name__` etc. are the module's own, not builtins').
 _FORBIDDEN_BUILTINS = (
@@ -33,6 +33,7 @@ FIX = {
     "SH112": "import the names you use",
     "SH113": "import the archive's modules by their absolute name",
     "SH114": "use a module only as `module.name`, and give other values their own names",
+    "SH115": "rename the module (and its imports) to a name no installed module has",
     "SH210": "do it in a reviewed package installed in the image",
     "SH211": "use public names (attributes and methods without a leading underscore)",
     "SH212": "do it outside the worker, or in a reviewed package installed in the image",
@@ -77,7 +78,7 @@ class _Judge:
         self.hits: list[Hit] = []
         self.parents: dict[int, ast.AST] = {}
         self.bound: dict[str, _Bound] = {}
-        self.classes = context.classes.get(module_name(member)) or class_names(tree)
+        self.classes = context.classes.get(module_name(member), frozenset())
 
     def hit(self, rule: str, node: ast.AST, message: str) -> None:
         self.hits.append((rule, node, f"{message}; fix: {FIX[rule]}"))
@@ -212,6 +213,28 @@ class _Judge:
             self.hit("SH114", node, f"`{node.id}` rebinds an imported name")
         elif bound.kind != "value" and not self._is_base_of_attribute(node):
             self.hit("SH114", node, f"module {bound.target} is used as a value")
+        elif bound.target in R.TYPE_ONLY and not self._type_position(node):
+            self._type_only(node, bound.target)
+
+    def _type_only(self, node: ast.expr, full: str) -> None:
+        self.hit("SH111", node, f"{full} may be named only as a type (a function annotation, "
+                 "isinstance/issubclass): calling it builds objects from raw memory")  # fmt: skip
+
+    def _type_position(self, node: ast.expr) -> bool:
+        """A parameter or return annotation, or isinstance's classes: compared, never kept."""
+        child: ast.AST = node
+        parent = self.parents.get(id(child))
+        while isinstance(parent, (ast.Tuple, ast.Subscript, ast.BinOp, ast.Attribute)):
+            child, parent = parent, self.parents.get(id(parent))
+        if isinstance(parent, ast.arg):
+            return parent.annotation is child
+        if isinstance(parent, ast.FunctionDef):
+            return parent.returns is child
+        return isinstance(parent, ast.Call) and isinstance(parent.func, ast.Name) and (
+            parent.func.id in ("isinstance", "issubclass")
+            and len(parent.args) == 2
+            and parent.args[1] is child
+        )
 
     def _is_base_of_attribute(self, node: ast.expr) -> bool:
         parent = self.parents.get(id(node))
@@ -292,6 +315,10 @@ class _Judge:
 
     def _call(self, node: ast.Call) -> None:
         func = node.func
+        if isinstance(func, ast.Name) and func.id == "super" and (node.args or node.keywords):
+            # super(Base, obj) starts the lookup past any class named, up to bases the
+            # allowlist never names (TorchServe's BaseHandler loads models by path).
+            self.hit("SH210", node, "`super` with arguments reaches past the classes named")
         if isinstance(func, ast.Name) and self._is_attribute_call(func):
             literal = node.args[1]
             if isinstance(literal, ast.Constant) and isinstance(literal.value, str):
@@ -306,6 +333,11 @@ class _Judge:
             self.hit("SH211", node, f"`.{attr}` reaches frame or code internals")
             return
         module = self._module_of(value)
+        root = self._import_root(value)
+        if module is None and root is not None and _setter(node):
+            self.hit("SH114", node, f"assigns to `.{attr}` of {root.target}, which was "
+                     "imported (imported classes and functions are read-only here)")  # fmt: skip
+            return
         if module is None:
             if attr in self.refused_attrs:
                 self.hit("SH212", node, f"`.{attr}` writes files, runs code or exposes memory "
@@ -322,6 +354,14 @@ class _Judge:
                 self.hit("SH114", node, f"module {full} is used as a value")
         elif not self._member_allowed(module.kind, module.target, attr):
             self.hit("SH111", node, f"{full} is not on the allowlist of {module.target}")
+        elif full in R.TYPE_ONLY and not self._type_position(node):
+            self._type_only(node, full)
+
+    def _import_root(self, node: ast.expr) -> _Bound | None:
+        """What an import bound the name at the root of `a.b[c](d).e`, if anything."""
+        while isinstance(node, (ast.Attribute, ast.Subscript, ast.Call)):
+            node = node.func if isinstance(node, ast.Call) else node.value
+        return self.bound.get(node.id) if isinstance(node, ast.Name) else None
 
     def _module_of(self, node: ast.expr) -> _Bound | None:
         if isinstance(node, ast.Name):
@@ -350,8 +390,6 @@ def _setter(node: ast.expr) -> bool:
     )
 
 
-
-
 def judge_module(
     tree: ast.Module, member: str, context: ScanContext
 ) -> tuple[list[Hit], dict[int, ast.AST]]:
@@ -360,23 +398,3 @@ def judge_module(
     judge = _Judge(tree, member, context)
     judge.run()
     return judge.hits, judge.parents
-
-
-def class_names(tree: ast.Module) -> frozenset[str]:
-    """Names bound only by `class` statements anywhere in the module (never reassigned)."""
-    classes: set[str] = set()
-    other: set[str] = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.ClassDef):
-            classes.add(node.name)
-        elif isinstance(node, ast.FunctionDef):
-            other.add(node.name)
-        elif isinstance(node, ast.Name) and not isinstance(node.ctx, ast.Load):
-            other.add(node.id)
-        elif isinstance(node, ast.arg):
-            other.add(node.arg)
-        elif isinstance(node, ast.alias):
-            other.add(node.asname or node.name.split(".")[0])
-        elif isinstance(node, ast.ExceptHandler) and node.name:
-            other.add(node.name)
-    return frozenset(classes - other)

@@ -27,6 +27,7 @@ __all__ = [
     "ALLOWED_DUNDER_DEFS",
     "ALLOWED_DUNDER_NAMES",
     "ALLOWED_NODES",
+    "TYPE_ONLY",
     "ATTRIBUTE_CALL_BUILTINS",
     "FRAME_PREFIXES",
     "MODULES",
@@ -35,6 +36,7 @@ __all__ = [
     "evaluates_annotations",
     "is_dunder",
     "refused_value_attributes",
+    "shadows_outside_module",
     "torch_name_allowed",
 ]
 
@@ -90,6 +92,12 @@ _OPERATOR_NAMES = _names("""
     not_ truth contains getitem index
 """)
 _LOGGING_NAMES = _names("getLogger Logger LoggerAdapter DEBUG INFO WARNING ERROR CRITICAL NOTSET")
+
+#: Classes a handler may name only as a type (a function annotation, or the classes argument
+#: of isinstance/issubclass), never call or hold: `numpy.ndarray(shape, object, buffer)`
+#: reads object POINTERS from bytes the caller wrote, so `id(divmod) + 80` packed into a
+#: bytearray comes back as `eval`.
+TYPE_ONLY: frozenset[str] = frozenset({"numpy.ndarray"})
 
 #: Importable modules. `secure_handler` is filled in from its `__all__` (its public API).
 MODULES: dict[str, ModuleSpec] = {
@@ -199,6 +207,49 @@ def evaluates_annotations(qualified: str) -> bool:
     return isinstance(value, type) and issubclass(value, BaseModel)
 
 
+# --- archive module names --------------------------------------------------------------
+
+#: Run by name at interpreter start when they are on `sys.path`; never an archive's module.
+_STARTUP_MODULES = _names("sitecustomize usercustomize __main__ __init__")
+
+
+@functools.lru_cache(maxsize=1)
+def _torchserve_script_modules() -> frozenset[str]:
+    """Modules beside TorchServe's worker script: `python .../ts/model_service_worker.py`
+    puts the `ts/` folder FIRST on `sys.path`, ahead of the model directory."""
+    import importlib.util
+    import pkgutil
+
+    spec = importlib.util.find_spec("ts")
+    locations = list(spec.submodule_search_locations or []) if spec else []
+    return frozenset(m.name for m in pkgutil.iter_modules(locations))
+
+
+@functools.lru_cache(maxsize=1024)
+def shadows_outside_module(top: str) -> bool:
+    """True when an archive module named `top` would take the name of a module outside it.
+
+    The worker imports by name from a `sys.path` that holds the model directory AND the
+    standard library, site-packages and TorchServe's own folder; whichever module Python
+    finds first (or imported before the handler) is the one that runs. The scan judges the
+    archive's `os.py` while the worker runs the real `os`, so such a name is refused.
+    """
+    import importlib.machinery
+    import os
+    import sys
+
+    if top in _STARTUP_MODULES or top in sys.stdlib_module_names:
+        return True
+    if top in sys.builtin_module_names or top in sys.modules or top in MODULES:
+        return True
+    if top in _torchserve_script_modules():
+        return True
+    # Not the current directory: the scanned folder itself must not find its own files.
+    cwd = os.path.realpath(os.getcwd())
+    search = [p for p in sys.path if p and os.path.realpath(p) != cwd]
+    return importlib.machinery.PathFinder.find_spec(top, search) is not None
+
+
 # --- builtins ----------------------------------------------------------------------------
 
 #: Exception classes; not SystemExit, KeyboardInterrupt or GeneratorExit (BaseException only),
@@ -209,10 +260,11 @@ _EXCEPTIONS = frozenset(
     if isinstance(value, type) and issubclass(value, Exception)
 )
 #: Builtins handler code may name. Not: eval exec compile __import__ open input breakpoint
-#: globals locals vars dir help memoryview type exit quit (code, files, reflection, processes).
+#: globals locals vars dir help memoryview type exit quit (code, files, reflection, processes),
+#: nor id (an object's address is what a fake-object attack on the interpreter starts from).
 ALLOWED_BUILTINS: frozenset[str] = _names("""
     abs all any ascii bin bool bytearray bytes callable chr classmethod complex dict divmod
-    enumerate filter float format frozenset hash hex id int isinstance issubclass iter len
+    enumerate filter float format frozenset hash hex int isinstance issubclass iter len
     list map max min next object oct ord pow print property range repr reversed round set
     slice sorted staticmethod str sum super tuple zip Ellipsis NotImplemented
 """) | _EXCEPTIONS
@@ -278,7 +330,12 @@ _UNSAFE_BY_TYPE: dict[str, frozenset[str]] = {
     "str": _names("format format_map"),  # "{0.__globals__}".format(f) reads any attribute
     "pydantic.BaseModel": _names("parse_file"),
     "ts.context.Context": _names("cl_socket"),  # the worker's socket to the frontend (async mode)
+    # A class's method resolution order reaches bases the allowlist never names (TorchServe's
+    # BaseHandler, whose `initialize` runs torch.load/torch.jit.load/dlopen on a given path).
+    "type": _names("mro"),
 }
+#: Public names of TorchScript modules, methods and functions that are plain data.
+_SCRIPT_DATA = _names("code name schema qualified_name original_name")
 
 
 @functools.lru_cache(maxsize=1)
@@ -299,7 +356,24 @@ def refused_value_attributes() -> frozenset[str]:
         and not torch_name_allowed(name)
     }
     unsafe = set().union(*_UNSAFE_BY_TYPE.values())
-    return frozenset(tensor | unsafe)
+    return frozenset(tensor | unsafe | _torchscript_internals())
+
+
+def _torchscript_internals() -> set[str]:
+    """Public names a loaded TorchScript model has beyond `torch.nn.Module`'s own API.
+
+    Derived, not listed: `graph`, `inlined_graph`, `owner`, `define`, `save`... each reaches
+    the compiler's IR, which a handler can edit in place (insert an `aten::save` node into
+    `forward`'s graph) so that the next call writes files; no one needs them to serve.
+    """
+    import torch
+    from torch.jit._script import RecursiveScriptModule, ScriptFunction
+
+    kinds = (RecursiveScriptModule, ScriptFunction, torch._C.ScriptModule, torch._C.ScriptMethod,
+             torch._C.ScriptObject)  # fmt: skip
+    module_api = {n for n in dir(torch.nn.Module) if not n.startswith("_")}
+    names = {n for kind in kinds for n in dir(kind) if not n.startswith("_")}
+    return names - module_api - _SCRIPT_DATA
 
 
 def is_dunder(name: str) -> bool:

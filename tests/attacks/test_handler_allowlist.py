@@ -40,6 +40,18 @@ def refused(source: str | bytes, filename: str = "handler.py") -> set[tuple[str,
 
 # --- one create-and-refuse case per rule and family ----------------------------------------
 
+FAKE_OBJECT_HANDLER = """\
+import numpy as np
+
+
+def fake(address):
+    return np.ndarray((1,), dtype=object, buffer=bytearray(address.to_bytes(8, "little")))[0]
+
+
+run = fake(id(divmod) + {offset})
+run("open({marker!r}, 'w').write('x')")
+"""
+
 CASES: dict[str, tuple[str | bytes, set[tuple[str, int]]]] = {
     # SH001: the scan cannot parse it, so it cannot vouch for it
     "unparseable": ("def broken(:\n", {("SH001", 1)}),
@@ -158,7 +170,7 @@ CASES: dict[str, tuple[str | bytes, set[tuple[str, int]]]] = {
                    {("SH212", 3)}),
     "ndarray-tofile": ("import numpy as np\nnp.zeros(3).tofile('/tmp/x')\n", {("SH212", 2)}),
     "ndarray-class-tofile": ("import numpy as np\nnp.ndarray.tofile(a, '/tmp/x')\n",
-                             {("SH212", 2)}),
+                             {("SH111", 2), ("SH212", 2)}),
     "untyped-storage": ("def f(t):\n    return t.untyped_storage().from_file('/etc/x')\n",
                         {("SH212", 2)}),
     "script-define": ("class H:\n    def f(self):\n        self.model.define('def g(): ...')\n",
@@ -185,6 +197,42 @@ CASES: dict[str, tuple[str | bytes, set[tuple[str, int]]]] = {
     "rebound-base": ("B = int\nB = object\n\n\nclass X(B):\n    pass\n", {("SH214", 5)}),
     "singledispatch": ("from functools import singledispatch\n", {("SH111", 1)}),
     "typevar-bound-string": ("from typing import TypeVar\n", {("SH111", 1)}),
+    # objects from raw memory: an object-dtype array over bytes the handler wrote turns an
+    # address into any object (`id(divmod) + 80` is `eval` here); addresses are not given out
+    "ndarray-over-raw-bytes": (FAKE_OBJECT_HANDLER.format(offset=80, marker="m"), {("SH111", 5),
+                                                                       ("SH210", 8)}),
+    "ndarray-alias": ("import numpy as np\nN = np.ndarray\n", {("SH111", 2)}),
+    "ndarray-imported-call": ("from numpy import ndarray\na = ndarray((1,), object)\n",
+                              {("SH111", 2)}),
+    "ndarray-dataclass-field": ("import dataclasses\nimport numpy as np\n\n\n"
+                                "@dataclasses.dataclass\nclass C:\n    x: np.ndarray\n",
+                                {("SH111", 7)}),
+    "ndarray-default-argument": ("import numpy as np\ndef f(x=np.ndarray):\n    return x\n",
+                                 {("SH111", 2)}),
+    "id-builtin": ("a = id(divmod)\n", {("SH210", 1)}),
+    # reaching classes the allowlist never names: TorchServe's BaseHandler.initialize loads
+    # whatever path a forged context names, with torch.jit.load / torch.load / dlopen
+    "mro-reaches-base": ("from secure_handler import SecureImageClassifier\n"
+                         "b = SecureImageClassifier.mro()[-3]\n", {("SH212", 2)}),
+    "super-with-arguments": ("from secure_handler import SecureBaseHandler, SecureImageClassifier"
+                             "\n\n\nclass H(SecureImageClassifier):\n    def initialize(self, c):"
+                             "\n        super(SecureBaseHandler, self).initialize(c)\n",
+                             {("SH210", 6)}),
+    # monkeypatching what was imported: the library's classes, torch's, by store/del/setattr
+    "patch-library-class": ("from secure_handler import SecureImageClassifier\n"
+                            "SecureImageClassifier.initialize = print\n", {("SH114", 2)}),
+    "patch-torch-class": ("import torch\ntorch.Tensor.add = print\n", {("SH114", 2)}),
+    "setattr-torch-class": ("import torch\nsetattr(torch.Tensor, 'mul', print)\n",
+                            {("SH114", 2)}),
+    "delete-library-method": ("from secure_handler import SecureImageClassifier\n"
+                              "del SecureImageClassifier.handle\n", {("SH114", 2)}),
+    # the loaded model's compiler IR: editing forward's graph makes the next call write files
+    "script-graph-edit": ("class H:\n    def f(self):\n        g = self.model.graph\n",
+                          {("SH212", 3)}),
+    "script-method-graph": ("class H:\n    def f(self):\n        g = self.model.forward"
+                            ".inlined_graph\n", {("SH212", 3)}),
+    "script-method-owner": ("class H:\n    def f(self):\n        m = self.model.forward.owner"
+                            "\n", {("SH212", 3)}),
     # an archive waiving its own finding: comments are never read
     "self-waiver": ("eval('1')  # secure-handler: allow[SH210] reviewed\n", {("SH210", 1)}),
 }  # fmt: skip
@@ -199,8 +247,9 @@ def test_hostile_handler_code_is_refused(case: str) -> None:
 
 def test_every_scan_rule_has_a_case() -> None:
     scan_rules = {r for r in RULES if r.startswith(("SH00", "SH11", "SH21"))}
-    assert len(scan_rules) == 13  # SH001-003, SH110-114, SH210-214; SH10x/SH20x: the lint
+    assert len(scan_rules) == 14  # SH001-003, SH110-115, SH210-214; SH10x/SH20x: the lint
     covered = {rule for _, expected in CASES.values() for rule, _ in expected}
+    covered |= {rule for _, expected in SHADOWS.values() for rule, _ in expected}
     assert scan_rules <= covered, sorted(scan_rules - covered)
 
 
@@ -230,6 +279,98 @@ def test_pydantic_subclass_case_really_evaluates_a_string(tmp_path: Path) -> Non
     subprocess.run([sys.executable, str(script)], check=True, timeout=120, capture_output=True)
     assert marker.exists()
     assert refused(source) == {("SH214", 4)}
+
+
+def test_fake_object_case_really_runs_eval(tmp_path: Path) -> None:
+    """The raw-memory family is real: an object array over a bytearray holding an address
+    returns the object there, so `divmod`'s neighbour `eval` runs a string. The offset is
+    measured in the same interpreter, so the proof does not depend on one build's layout."""
+    marker = tmp_path / "ran"
+    offset = subprocess.run(
+        [sys.executable, "-c", "print(id(eval) - id(divmod))"],
+        check=True, capture_output=True, text=True, timeout=60,
+    ).stdout.strip()  # fmt: skip
+    source = FAKE_OBJECT_HANDLER.format(offset=offset, marker=str(marker))
+    (tmp_path / "fakeobj_handler.py").write_text(source)
+    subprocess.run([sys.executable, "-c", "import fakeobj_handler"], cwd=tmp_path, check=True,
+                   timeout=120, capture_output=True)  # fmt: skip
+    assert marker.exists()
+    assert refused(source) == {("SH111", 5), ("SH210", 8)}
+
+
+GRAPH_EDIT = """\
+def poison(model, path):
+    graph = model.graph
+    ret = graph.return_node()
+    node = graph.create("aten::save", [ret.input(), graph.insertConstant(path)], 0)
+    node.insertBefore(ret)
+"""
+
+
+def test_graph_edit_case_really_makes_forward_write_a_file(tmp_path: Path) -> None:
+    """SH212 on `graph`: a handler that edits the loaded model's IR (allowed names only, before
+    this rule) makes `forward` call `aten::save`, so serving one request writes a file."""
+    marker = tmp_path / "written.pt"
+    (tmp_path / "graph_edit.py").write_text(GRAPH_EDIT)
+    (tmp_path / "plus_one.py").write_text(
+        "import torch\n\n\nclass PlusOne(torch.nn.Module):\n"
+        "    def forward(self, x: torch.Tensor) -> torch.Tensor:\n        return x + 1\n"
+    )
+    script = (
+        "import warnings\nwarnings.simplefilter('ignore')\nimport sys, torch\n"
+        "from plus_one import PlusOne\nfrom graph_edit import poison\n"
+        "model = torch.jit.script(PlusOne())\npoison(model, sys.argv[1])\n"
+        "model(torch.zeros(2))\n"
+    )
+    subprocess.run([sys.executable, "-c", script, str(marker)], cwd=tmp_path, check=True,
+                   timeout=300, capture_output=True)  # fmt: skip
+    assert marker.exists()
+    assert refused(GRAPH_EDIT) == {("SH212", 2)}
+
+
+# --- archive modules named like modules outside the archive (SH115) -------------------------
+
+#: The worker runs the module Python already imported or finds first on `sys.path` (the
+#: standard library, site-packages and TorchServe's own folder are all there), while the scan
+#: judged the archive's own file of that name.
+SHADOWS: dict[str, tuple[dict[str, bytes], set[tuple[str, str]]]] = {
+    "stdlib-os": ({"os.py": b"def system(command):\n    return 0\n",
+                   "handler.py": b"import os\nos.system('id')\n"}, {("SH115", "os.py:1")}),
+    "torch": ({"torch.py": b"def save(obj, path):\n    return None\n",
+               "handler.py": b"import torch\ntorch.save(1, '/tmp/x')\n"},
+              {("SH115", "torch.py:1")}),
+    "library-package": ({"secure_handler/__init__.py": b"x = 1\n",
+                         "handler.py": b"import secure_handler\n"},
+                        {("SH115", "secure_handler/__init__.py:1")}),
+    "namespace-package": ({"subprocess/run.py": b"x = 1\n", "handler.py": b"x = 1\n"},
+                          {("SH115", "subprocess/run.py:1")}),
+    "torchserve-folder": ({"model_server.py": b"def start():\n    return None\n",
+                           "handler.py": b"import model_server\nmodel_server.start()\n"},
+                          {("SH115", "model_server.py:1")}),
+    "startup-hook": ({"sitecustomize.py": b"x = 1\n", "handler.py": b"x = 1\n"},
+                     {("SH115", "sitecustomize.py:1")}),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", sorted(SHADOWS))
+def test_archive_module_named_like_an_outside_module_is_refused(case: str) -> None:
+    files, expected = SHADOWS[case]
+    assert {(f.rule, f.location) for f in scan_tree(files).findings} == expected
+
+
+def test_shadow_case_really_runs_the_real_module(tmp_path: Path) -> None:
+    """CWE-427: with the model directory on PYTHONPATH the archive's `os.py` is never the
+    `os` the handler gets; the scan judged a harmless `system`, Python ran the real one."""
+    marker = tmp_path / "ran"
+    files = {"os.py": b"def system(command):\n    return 0\n",
+             "shadow_handler.py": f"import os\nos.system('touch {marker}')\n".encode()}
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+    env = {"PYTHONPATH": str(tmp_path), "PATH": "/usr/bin:/bin"}
+    subprocess.run([sys.executable, "-c", "import shadow_handler"], cwd=tmp_path, env=env,
+                   check=True, timeout=60, capture_output=True)  # fmt: skip
+    assert marker.exists()
+    assert {(f.rule, f.location) for f in scan_tree(files).findings} == {("SH115", "os.py:1")}
 
 
 # --- no false refusals ------------------------------------------------------------------------
@@ -553,6 +694,19 @@ def test_member_python_could_import_code_from_is_refused(
     assert code == 1
     # SH503 also fires (the member is not in the digests); the carrier rule must be there too
     assert (rule, f"h.mar!{name}") in blocking_rules(report)
+
+
+def test_verify_refuses_an_archive_module_that_shadows_os(
+    tmp_path: Path, clean_mar: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    mar = tmp_path / "h.mar"
+    with zipfile.ZipFile(clean_mar) as zin, zipfile.ZipFile(mar, "w") as out:
+        for info in zin.infolist():
+            out.writestr(info, zin.read(info))
+        out.writestr("os.py", b"def system(command):\n    return 0\n")
+    code, report = run_json(["verify", "--json", str(mar)], capsys)
+    assert code == 1
+    assert ("SH115", "h.mar!os.py:1") in blocking_rules(report)
 
 
 def test_archive_refuses_a_text_extra_file_with_a_zip_appended(
