@@ -5,9 +5,9 @@ it with Python's `zipfile`; `torch.jit.load` reads it with PyTorch's reader (min
 hostile file below is built from two real `torch.jit.save` files: a harmless program and one
 the inspector refuses (it prints). The first three (a directory behind "prepended" bytes, a
 ZIP64 locator pointing elsewhere, a code file named again in another case) make the readers
-see different programs; the tests show that torch really loads the refused one while `zipfile` shows the
-harmless one, and that `zipview.check_single_view` refuses the file in `verify` (SH312) and in
-the worker's loader before torch sees it. Files `torch.jit.save` writes (and honest rewrites
+see different programs; the tests show that torch really loads the refused one while `zipfile`
+shows the harmless one, and that `zipview.check_single_view` refuses the file in `verify`
+(SH312) and in the worker's loader before torch sees it. Files `torch.jit.save` writes (and honest rewrites
 by `zipfile`) pass.
 """
 
