@@ -10,9 +10,11 @@ This module reads the text with Python's `ast` and allows only:
   `NS::NAME`, each on `opsallow.ALLOWED_OPS` with every overload; `x.NAME(...)` must be an
   allowed `aten::NAME`/`prim::NAME` method or a method the program defines, and is refused
   whenever `NAME` is an excluded operator (`x.save`, `getattr(x, "from_file")`);
-* builtins from a fixed set (`_BUILTIN_CALLS`: no `print`, `id`, `fork`, `rpc_*`), type names
-  from a fixed set, the program's own locals, constants and `__torch__` classes and functions,
-  and `torch.classes.*` custom classes only from `opsallow.ALLOWED_CUSTOM_CLASSES`.
+* builtins from a fixed set (`_BUILTIN_CALLS`: no `print`, `id`, `rpc_*`; `fork` only of a
+  function of the program), type names from a fixed set, the program's own locals, constants,
+  nested `def`s (the printer writes `torch.jit.fork` as a closure, judged like any body) and
+  `__torch__` classes and functions, and `torch.classes.*` custom classes only from
+  `opsallow.ALLOWED_CUSTOM_CLASSES`.
 
 The text reaches this module only in the printer's plain lexical form (see
 `torchscript._lexical_problem`), so Python's `ast` sees what TorchScript's lexer sees.
@@ -51,7 +53,7 @@ _BUILTIN_CALLS = frozenset({
     "annotate", "unchecked_cast", "uninitialized", "isinstance", "getattr", "hasattr", "range",
     "int", "float", "bool", "str", "complex", "len", "sorted", "min", "max", "abs", "all",
     "any", "divmod", "round", "ord", "chr", "list", "dict", "tuple", "zip", "enumerate",
-    "sum", "pow", "hex", "oct", "bin",
+    "sum", "pow", "hex", "oct", "bin", "fork",
 })  # fmt: skip
 _TYPE_NAMES = frozenset({
     "Tensor", "int", "float", "bool", "str", "complex", "NoneType", "Device", "Any", "number",
@@ -199,10 +201,12 @@ def _check_class_assign(
 class _Body:
     """Judges one function or method: its signature, then every node of its body."""
 
-    def __init__(self, member: str, method: str, program: Program) -> None:
+    def __init__(self, member: str, method: str, program: Program,
+                 outer_callables: frozenset[str] = frozenset()) -> None:
         self.member = member
         self.method = method
         self.program = program
+        self.outer_callables = outer_callables  # a closure may call what its function may
         self.locals: set[str] = set()
         self.callables: set[str] = set()
 
@@ -222,16 +226,19 @@ class _Body:
             yield from self.constant(default)
         if node.returns is not None:
             yield from self.type_expr(node.returns)
-        stores, aliases = _stores_and_aliases(node)
+        stores, aliases, nested = _stores_and_aliases(node)
         for item in stores:
             yield from self.bind(item, item.id)
+        for inner in nested:
+            yield from self.bind(inner, inner.name)
         # Locals bound only to `__torch__` functions (the printer hoists callees: `_0 =
         # __torch__.torch.nn.functional.relu`) may be called: that calls the program's code,
         # judged where the chain is assigned.
         targets = {id(alias) for alias in aliases}
         others = {a.arg for a in [*args.posonlyargs, *args.args]}
         others.update(item.id for item in stores if id(item) not in targets)
-        self.callables = {alias.id for alias in aliases} - others
+        mine = {alias.id for alias in aliases} | {n.name for n in nested}
+        self.callables = (mine | self.outer_callables) - others
         for statement in node.body:
             yield from self.visit(statement)
 
@@ -243,6 +250,12 @@ class _Body:
         self.locals.add(name)
 
     def visit(self, node: ast.AST) -> Iterator[CodeIssue]:
+        if isinstance(node, ast.FunctionDef):  # a closure (fork): judged, seeing our locals
+            inner = _Body(self.member, f"{self.method}.{node.name}", self.program,
+                          frozenset(self.callables))
+            inner.locals = set(self.locals)
+            yield from inner.function(node)
+            return
         if not isinstance(node, _ALLOWED_NODES):
             yield self.issue(node, type(node).__name__, "not a construct the TorchScript "
                              "printer writes; refused as not understood")
@@ -287,8 +300,13 @@ class _Body:
             return  # bound only to `__torch__` functions, each judged where it is assigned
         if func.id not in _BUILTIN_CALLS:
             why = ("calls a local value" if func.id in self.locals
-                   else "not an allowed builtin (print, id, fork, rpc_* are outside)")
+                   else "not an allowed builtin (print, id, rpc_* are outside)")
             yield self.issue(node, f"{func.id}()", why)
+        elif func.id == "fork":
+            target = node.args[0] if node.args else None
+            if not ((isinstance(target, ast.Name) and target.id in self.callables)
+                    or (isinstance(target, ast.Attribute) and _is_torch_chain(target))):
+                yield self.issue(node, "fork()", "forks only a function of the program")
         elif func.id in ("getattr", "hasattr"):
             name = node.args[1] if len(node.args) == 2 else None
             if not (isinstance(name, ast.Constant) and isinstance(name.value, str)):
@@ -387,17 +405,23 @@ class _Body:
             yield self.issue(node, ast.unparse(node)[:60], "not a constant")
 
 
-def _stores_and_aliases(node: ast.FunctionDef) -> tuple[list[ast.Name], list[ast.Name]]:
-    """One walk: every name the function stores, and the targets of `NAME = __torch__.<...>`."""
+def _stores_and_aliases(
+    node: ast.FunctionDef,
+) -> tuple[list[ast.Name], list[ast.Name], list[ast.FunctionDef]]:
+    """One walk: every name the function stores, the targets of `NAME = __torch__.<...>`, and
+    the functions defined inside it."""
     stores: list[ast.Name] = []
     aliases: list[ast.Name] = []
+    nested: list[ast.FunctionDef] = []
     for item in ast.walk(node):
         if isinstance(item, ast.Name) and isinstance(item.ctx, ast.Store):
             stores.append(item)
+        elif isinstance(item, ast.FunctionDef) and item is not node:
+            nested.append(item)
         elif (isinstance(item, ast.Assign) and len(item.targets) == 1
               and isinstance(item.targets[0], ast.Name) and _is_torch_chain(item.value)):
             aliases.append(item.targets[0])
-    return stores, aliases
+    return stores, aliases, nested
 
 
 def _is_torch_chain(node: ast.expr) -> bool:

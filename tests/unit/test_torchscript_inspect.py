@@ -189,7 +189,7 @@ def test_a_real_scripted_model_passes(plus: Path) -> None:
         ("    return ops.myns.evil(x)\n", "myns::evil"),
         ("    print(\"[METRICS]forged\")\n    return x\n", "print()"),
         ("    ops.prim.Print(\"x\")\n    return x\n", "prim::Print"),
-        ("    _0 = fork(__torch__.f, x)\n    return x\n", "fork()"),
+        ("    _0 = fork(x.add, x)\n    return x\n", "fork()"),
         ("    return ops.load_library(\"evil.so\")\n", "ops.load_library"),
         ("    return torch.ops.aten.add(x, 1)\n", "torch.ops.aten.add"),
         ("    f = lambda y: y\n    return x\n", "Lambda"),
@@ -212,6 +212,31 @@ def test_code_outside_the_allowlist_is_refused(
     hit = next(i for i in issues if i.what == what)
     assert (hit.member, hit.method) == (plus_member(plus), "Plus.forward")
     assert hit.line in range(8, 8 + body.count("\n"))  # a line of the body (it starts at 8)
+
+
+def helper(x: torch.Tensor) -> torch.Tensor:
+    return x * 2
+
+
+class Forks(torch.nn.Module):
+    """`torch.jit.fork`: the printer writes the forked call as a nested `def` (a closure)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        future = torch.jit.fork(helper, x)
+        return torch.jit.wait(future) + 1
+
+
+def test_fork_of_a_program_function_passes_and_its_closure_is_judged(tmp_path: Path) -> None:
+    path = tmp_path / "fork.pt"
+    save_torchscript(Forks(), path)
+    assert inspect_torchscript(path) == []
+    member = next(n for n, d in members(path).items() if b"def __forked_function" in d)
+    code = members(path)[member].replace(
+        b"    def __forked_function():\n",
+        b"    def __forked_function():\n      torch.save(x, \"/tmp/p\")\n")
+    hostile = rewrite(path, tmp_path / "m.pt", {member.split("/", 1)[1]: code})
+    issues = inspect_torchscript(hostile)
+    assert [(i.what, i.method) for i in issues] == [("aten::save", "Forks.forward.__forked_function")]
 
 
 def test_custom_class_that_needs_a_native_library_is_refused(tmp_path: Path, plus: Path) -> None:
