@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -110,9 +111,14 @@ def _operator_path(store_path: str, model_dir: str | os.PathLike[str] | None) ->
 
 def _read_trust_store(store_path: str) -> dict[str, Any]:
     try:
-        if Path(store_path).stat().st_size > _MAX_STORE_BYTES:
+        # A regular file, read within a bound: a FIFO or a device would block or never end.
+        if not stat.S_ISREG(os.stat(store_path).st_mode):
+            raise ValueError("not a regular file")
+        with open(store_path, "rb") as fh:
+            raw = fh.read(_MAX_STORE_BYTES + 1)
+        if len(raw) > _MAX_STORE_BYTES:
             raise ValueError(f"over {_MAX_STORE_BYTES} bytes")
-        store = json.loads(Path(store_path).read_text("utf-8"))
+        store = json.loads(raw.decode("utf-8"))
     except (OSError, ValueError) as exc:
         raise IntegrityError(f"cannot read trust store {store_path}: {exc}") from exc
     models = store.get("models") if isinstance(store, dict) else None

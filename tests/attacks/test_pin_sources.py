@@ -11,6 +11,7 @@ hostile setting and shows the worker refuses to load, or `serve` refuses to star
 from __future__ import annotations
 
 import json
+import os
 import re
 import zipfile
 from dataclasses import dataclass
@@ -118,7 +119,8 @@ def test_an_empty_store_value_refuses_instead_of_switching_the_pin_off(
         _initialize(unpinned)
 
 
-@pytest.mark.parametrize("kind", ["missing", "directory", "unreadable", "not-json"])
+@pytest.mark.parametrize("kind", ["missing", "directory", "unreadable", "not-json", "fifo",
+                                  "device"])
 def test_a_store_that_cannot_be_read_refuses(
     kind: str, unpinned: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
@@ -131,6 +133,10 @@ def test_a_store_that_cannot_be_read_refuses(
         store.chmod(0)
     elif kind == "not-json":
         store.write_text("models: []\n")
+    elif kind == "fifo":  # opening it would block the worker until someone writes
+        os.mkfifo(store)
+    elif kind == "device":  # an endless read
+        store = Path("/dev/zero")
     monkeypatch.setenv(TRUST_STORE_ENV, str(store))
     with pytest.raises(IntegrityError, match="cannot read trust store|is not a lock file"):
         _initialize(unpinned)
