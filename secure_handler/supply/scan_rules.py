@@ -333,6 +333,9 @@ _UNSAFE_BY_TYPE: dict[str, frozenset[str]] = {
     # A class's method resolution order reaches bases the allowlist never names (TorchServe's
     # BaseHandler, whose `initialize` runs torch.load/torch.jit.load/dlopen on a given path).
     "type": _names("mro"),
+    # The object whose attribute lookup failed: inside library code, possibly a module, and a
+    # module held as a value gives every function it imported (`m.serialization.os.system`).
+    "AttributeError": _names("obj"),
 }
 #: Public names of TorchScript modules, methods and functions that are plain data.
 _SCRIPT_DATA = _names("code name schema qualified_name original_name")

@@ -218,6 +218,9 @@ CASES: dict[str, tuple[str | bytes, set[tuple[str, int]]]] = {
                              "\n\n\nclass H(SecureImageClassifier):\n    def initialize(self, c):"
                              "\n        super(SecureBaseHandler, self).initialize(c)\n",
                              {("SH210", 6)}),
+    # an exception that carries the object a library lookup failed on (a module, say)
+    "attribute-error-object": ("try:\n    pass\nexcept AttributeError as e:\n    m = e.obj\n",
+                               {("SH212", 4)}),
     # monkeypatching what was imported: the library's classes, torch's, by store/del/setattr
     "patch-library-class": ("from secure_handler import SecureImageClassifier\n"
                             "SecureImageClassifier.initialize = print\n", {("SH114", 2)}),
