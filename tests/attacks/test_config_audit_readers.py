@@ -10,6 +10,7 @@ are relative or writable by others, TS_MODEL_SERVER_HOME, variables the audit do
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 import sys
@@ -24,6 +25,7 @@ import ts
 from ts import model_server
 
 from secure_handler.deploy.audit import audit_file
+from secure_handler.deploy.audit.context import ENV_OVERRIDES
 from secure_handler.deploy.tsconfig import ModelSpec, hardened_properties, render_properties
 
 JAR = Path(ts.__file__).parent / "frontend" / "model-server.jar"
@@ -492,3 +494,17 @@ def test_extraction_folder_others_can_write_is_high(world: dict[str, Path],
     assert ("TEMP", "high") in _findings(config, cmdline=command, env={"TEMP": str(temp)})
     temp.chmod(0o755)
     assert _findings(config, cmdline=command, env={"TEMP": str(temp)}) == []
+
+
+@pytest.mark.skipif(shutil.which("javap") is None, reason="javap is not installed")
+def test_environment_overrides_are_exactly_the_frontends_ts_fields(tmp_path: Path) -> None:
+    # setSystemVars applies every `TS_*` field of ConfigManager as an environment override; the
+    # audit's table (which also makes those variables known) must be that list, no more.
+    with zipfile.ZipFile(JAR) as jar:
+        jar.extract("org/pytorch/serve/util/ConfigManager.class", tmp_path)
+    out = subprocess.run([str(shutil.which("javap")), "-p", "-constants", str(
+        tmp_path / "org/pytorch/serve/util/ConfigManager.class")], capture_output=True,
+        text=True, timeout=120, check=True).stdout
+    fields = dict(re.findall(r'String (TS_[A-Z_]+) = "([a-z_]+)";', out))
+    assert len(fields) > 50
+    assert fields == ENV_OVERRIDES

@@ -77,10 +77,15 @@ ENV_OVERRIDES = {
         "grpc_management_address", "grpc_inference_port", "grpc_management_port",
         "enable_grpc_ssl", "initial_worker_port", "initial_distribution_port",
         "workflow_store", "cpp_log_config", "disable_token_authorization", "enable_model_api",
+        "grpc_inference_max_connection_age_ms", "grpc_management_max_connection_age_ms",
+        "grpc_inference_max_connection_age_grace_ms",
+        "grpc_management_max_connection_age_grace_ms",
     )
 }
 ENV_OVERRIDES["TS_TOKEN_EXPIRATION_TIME_MIN"] = "token_expiration_min"
 ENV_OVERRIDES["TS_OPEN_INFERENCE_PROTOCOL"] = "ts_open_inference_protocol"
+ENV_OVERRIDES.update({f"TS_HEADER_KEY_SEQUENCE_{part}": f"ts_header_key_sequence_{part.lower()}"
+                      for part in ("ID", "START", "END")})
 
 #: Every key TorchServe 0.12 reads (frontend and launcher). Anything else is flagged: the
 #: audit does not guess what an unknown key does.
