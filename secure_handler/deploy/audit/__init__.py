@@ -6,7 +6,8 @@ through a registered archive, YAML deserialization (CVE-2022-1471). This package
 the way TorchServe 0.12 reads it and reports every setting that reopens one of those doors.
 
 * `context`: what is audited, as both of TorchServe's readers see it (Java and the launcher);
-* `rules` (with `rules_network`, `rules_sources`, `rules_jvm`): one function per concern;
+* `rules` (with `rules_network`, `rules_sources`, `rules_jvm`, `rules_env`): one function per
+  concern;
 * `jregex` and `languages`: Java regular expressions, judged for every string at once;
 * `jvm`: JVM options, split as their readers split them and judged by an allowlist;
 * `report`: ratings, output formats and the exit code.

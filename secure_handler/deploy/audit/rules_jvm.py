@@ -3,7 +3,10 @@
 `vmargs` and `plugins_path` reach the JVM through TorchServe's Python launcher, which reads the
 file with its own parser and splits `vmargs` with `str.split()`; the JVM option variables
 (`JAVA_TOOL_OPTIONS`, `JDK_JAVA_OPTIONS`, `_JAVA_OPTIONS`) reach it from the environment. Every
-resulting JVM argument is judged by the allowlist in `jvm` (heap and GC settings only).
+resulting JVM argument is judged by the allowlist in `jvm` (heap and GC settings only). The
+launcher decodes the file in the locale's encoding, so non-ASCII bytes outside comments are
+refused; `model_store` reaches Java from the launcher too (as `-s`). The CPU launcher's
+arguments start every worker and are judged by an allowlist of core-pinning options.
 Variables that name code to load (`JAVA_HOME`, `LD_PRELOAD`, `PYTHONPATH`...) are judged in
 `rules_env`.
 """
