@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import io
 import struct
+import time
 import warnings
 import zipfile
 from pathlib import Path
@@ -22,8 +23,10 @@ from typing import Any
 
 import pytest
 import torch
-from support import archive_mar, build_tiny_classifier, write_image_handler
+from support import archive_mar, build_tiny_classifier, running_server, write_image_handler
 
+from secure_handler.deploy.launcher import java_problem
+from secure_handler.deploy.tsconfig import ModelSpec
 from secure_handler.errors import UnsafeModelError
 from secure_handler.serving.loading import load_torchscript
 from secure_handler.serving.torchscript import inspect_torchscript
@@ -267,3 +270,27 @@ def test_files_torch_writes_pass(programs: tuple[bytes, bytes], tmp_path: Path) 
     model = build_tiny_classifier(tmp_path / "tiny")
     check_single_view(model)
     assert load_torchscript(model, torch.device("cpu")) is not None
+
+
+@pytest.mark.skipif(java_problem() is not None, reason=str(java_problem()))
+def test_the_torchserve_worker_refuses_two_programs_in_one_file(
+    programs: tuple[bytes, bytes], tmp_path: Path
+) -> None:
+    """Served without `verify` (torch-model-archiver, no lock): the worker itself refuses."""
+    (tmp_path / "src").mkdir()
+    model = _write(tmp_path / "src", prepended_directory(*programs))
+    store = tmp_path / "store"
+    archive_mar(store, "dual", model, write_image_handler(tmp_path / "src"))
+    workdir = tmp_path / "work"
+    log = workdir / "logs" / "model_log.log"
+    with running_server(workdir, store, [ModelSpec("dual", "dual.mar", batch_size=1)],
+                        wait=False):
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:  # bounded wait; the frontend retries the worker
+            text = log.read_text(errors="replace") if log.is_file() else ""
+            if "one zip form torch.jit.save writes" in text:
+                break
+            time.sleep(0.5)
+    text = log.read_text(errors="replace")
+    assert "one zip form torch.jit.save writes" in text
+    assert "secure_handler.errors.UnsafeModelError" in text
