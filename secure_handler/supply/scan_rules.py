@@ -328,7 +328,6 @@ _UNSAFE_BY_TYPE: dict[str, frozenset[str]] = {
                               callHandlers makeRecord addFilter removeFilter filters
                               findCaller disabled"""),
     "str": _names("format format_map"),  # "{0.__globals__}".format(f) reads any attribute
-    "pydantic.BaseModel": _names("parse_file"),
     "ts.context.Context": _names("cl_socket"),  # the worker's socket to the frontend (async mode)
     # A class's method resolution order reaches bases the allowlist never names (TorchServe's
     # BaseHandler, whose `initialize` runs torch.load/torch.jit.load/dlopen on a given path).
@@ -337,6 +336,16 @@ _UNSAFE_BY_TYPE: dict[str, frozenset[str]] = {
     # module held as a value gives every function it imported (`m.serialization.os.system`).
     "AttributeError": _names("obj"),
 }
+#: The pydantic model API a handler may use on the library's limits: data in, data out.
+#: Every other public name of `BaseModel` is refused on any value, whatever pydantic adds:
+#: `parse_raw(b, proto="pickle", allow_pickle=True)` unpickles, `parse_file` reads files,
+#: `model_rebuild`/`update_forward_refs` evaluate annotations in a namespace the caller gives.
+_PYDANTIC_DATA = _names("""
+    construct copy dict from_orm json model_computed_fields model_config model_construct
+    model_copy model_dump model_dump_json model_extra model_fields model_fields_set
+    model_json_schema model_parametrized_name model_validate model_validate_json
+    model_validate_strings parse_obj schema schema_json validate
+""")
 #: Public names of TorchScript modules, methods and functions that are plain data.
 _SCRIPT_DATA = _names("code name schema qualified_name original_name")
 
@@ -359,7 +368,10 @@ def refused_value_attributes() -> frozenset[str]:
         and not torch_name_allowed(name)
     }
     unsafe = set().union(*_UNSAFE_BY_TYPE.values())
-    return frozenset(tensor | unsafe | _torchscript_internals())
+    from pydantic import BaseModel
+
+    pydantic = {n for n in dir(BaseModel) if not n.startswith("_")} - _PYDANTIC_DATA
+    return frozenset(tensor | unsafe | pydantic | _torchscript_internals())
 
 
 def _torchscript_internals() -> set[str]:

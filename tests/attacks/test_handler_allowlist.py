@@ -52,6 +52,13 @@ run = fake(id(divmod) + {offset})
 run("open({marker!r}, 'w').write('x')")
 """
 
+PARSE_RAW_HANDLER = """\
+from secure_handler import ImageLimits
+
+PAYLOAD = b"cposix\\nsystem\\n(Vtouch {marker}\\ntR."
+ImageLimits.parse_raw(PAYLOAD, proto="pickle", allow_pickle=True)
+"""
+
 CASES: dict[str, tuple[str | bytes, set[tuple[str, int]]]] = {
     # SH001: the scan cannot parse it, so it cannot vouch for it
     "unparseable": ("def broken(:\n", {("SH001", 1)}),
@@ -218,6 +225,13 @@ CASES: dict[str, tuple[str | bytes, set[tuple[str, int]]]] = {
                              "\n\n\nclass H(SecureImageClassifier):\n    def initialize(self, c):"
                              "\n        super(SecureBaseHandler, self).initialize(c)\n",
                              {("SH210", 6)}),
+    # the pydantic API the library's limits models inherit: unpickling, files, evaluation
+    "pydantic-parse-raw-pickle": (PARSE_RAW_HANDLER.format(marker="m"), {("SH212", 4)}),
+    "pydantic-parse-raw-on-instance": ("class H:\n    def f(self, b):\n        return "
+                                       "self.limits.parse_raw(b, proto='pickle')\n",
+                                       {("SH212", 3)}),
+    "pydantic-model-rebuild": ("from secure_handler import ImageLimits\n"
+                               "ImageLimits.model_rebuild(force=True)\n", {("SH212", 2)}),
     # an exception that carries the object a library lookup failed on (a module, say)
     "attribute-error-object": ("try:\n    pass\nexcept AttributeError as e:\n    m = e.obj\n",
                                {("SH212", 4)}),
@@ -299,6 +313,19 @@ def test_fake_object_case_really_runs_eval(tmp_path: Path) -> None:
                    timeout=120, capture_output=True)  # fmt: skip
     assert marker.exists()
     assert refused(source) == {("SH111", 5), ("SH210", 8)}
+
+
+def test_parse_raw_case_really_unpickles_and_runs_a_process(tmp_path: Path) -> None:
+    """The library's limits models inherit pydantic's v1 `parse_raw`, which unpickles when
+    asked to: a pickle written as a bytes literal runs `touch` in the worker."""
+    marker = tmp_path / "ran"
+    source = PARSE_RAW_HANDLER.format(marker=marker)
+    (tmp_path / "parse_raw_handler.py").write_text(source)
+    # pydantic then refuses the unpickled value (the exit status is 1): the process ran first
+    subprocess.run([sys.executable, "-W", "ignore", "-c", "import parse_raw_handler"],
+                   cwd=tmp_path, check=False, timeout=120, capture_output=True)  # fmt: skip
+    assert marker.exists()
+    assert refused(source) == {("SH212", 4)}
 
 
 GRAPH_EDIT = """\
