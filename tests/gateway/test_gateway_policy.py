@@ -24,6 +24,7 @@ from secure_handler.gateway.errors import GatewayError
 from secure_handler.gateway.keys import KEY_PREFIX, KeyRing, bearer_token, generate_key, hash_key
 from secure_handler.gateway.management import register_params, scale_params
 from secure_handler.gateway.ratelimit import MemoryRateLimiter
+from secure_handler.gateway.routing import client_bucket
 
 # --- keys -----------------------------------------------------------------------------------
 
@@ -312,3 +313,17 @@ def test_audit_log_appends_private_lines_and_follows_rotation(tmp_path: Path) ->
     assert (old["request_id"], new["request_id"]) == ("one", "two")
     assert len(new["model"]) == 128  # client-supplied strings are clipped
     assert path.stat().st_mode & 0o777 == 0o600
+
+
+# --- what a per-client limit counts --------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("host", "bucket"), [
+    ("192.0.2.7", "192.0.2.7"),
+    ("2001:db8:1:2:aaaa::1", "2001:db8:1:2::/64"),
+    ("2001:db8:1:2:ffff:ffff:ffff:ffff", "2001:db8:1:2::/64"),  # one host may hold the whole /64
+    ("::ffff:192.0.2.7", "192.0.2.7"),  # an IPv4 client on a dual-stack socket
+    ("unknown", "unknown"),
+])
+def test_client_bucket_counts_ipv6_by_its_64(host: str, bucket: str) -> None:
+    assert client_bucket(host) == bucket
