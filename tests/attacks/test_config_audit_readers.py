@@ -70,6 +70,12 @@ def _findings(config: Path, *, cmdline: str, env: Mapping[str, str] | None = Non
 
 def _launcher_java_args(config: Path, *extra: str) -> list[str]:
     """The arguments TorchServe's own launcher (`ts.model_server.start`) gives to Java."""
+    cmd = _launcher_command(config, *extra)
+    return cmd[cmd.index("org.pytorch.serve.ModelServer") + 1:]
+
+
+def _launcher_command(config: Path, *extra: str) -> list[str]:
+    """The JVM command line TorchServe's own launcher (`ts.model_server.start`) runs."""
     seen: dict[str, list[str]] = {}
 
     def popen(cmd: list[str], *args: object, **kwargs: object) -> mock.Mock:
@@ -81,8 +87,7 @@ def _launcher_java_args(config: Path, *extra: str) -> list[str]:
     with mock.patch.object(subprocess, "Popen", popen), mock.patch.object(sys, "argv", argv), \
             mock.patch.object(model_server.tempfile, "gettempdir", return_value=str(config.parent)):
         model_server.start()
-    cmd = seen["cmd"]
-    return cmd[cmd.index("org.pytorch.serve.ModelServer") + 1:]
+    return seen["cmd"]
 
 
 @pytest.fixture(scope="module")
@@ -508,3 +513,32 @@ def test_environment_overrides_are_exactly_the_frontends_ts_fields(tmp_path: Pat
     fields = dict(re.findall(r'String (TS_[A-Z_]+) = "([a-z_]+)";', out))
     assert len(fields) > 50
     assert fields == ENV_OVERRIDES
+
+
+def test_plugins_path_relative_empty_or_open_is_high(world: dict[str, Path],
+                                                     tmp_path: Path) -> None:
+    # The launcher builds `-cp .:<ts jars>:<plugins_path>/*` (ts.model_server.start).
+    sticky = tmp_path / "sticky"
+    sticky.mkdir()
+    sticky.chmod(0o1777)  # like /tmp: anyone may add a jar, and `/*` loads every jar
+    private = tmp_path / "private"
+    private.mkdir()
+    private.chmod(0o755)
+    cmd = _launcher_command(_write(tmp_path, world, {"plugins_path": f"{private}:"}),
+                            "--model-store", str(world["s1"]))
+    class_path = cmd[cmd.index("-cp") + 1].split(":")
+    assert class_path[0] == "."  # the working directory, always
+    assert class_path[-2:] == [str(private), "/*"]  # the empty entry became "/*": every jar in /
+    command = f"torchserve --start --ncs --model-store {world['s1']} --ts-config"
+    for value in ("plugins", f"{private}::{private}", f"{private}:lib", str(sticky),
+                  str(world["shared"])):
+        config = _write(tmp_path, world, {"plugins_path": value})
+        assert ("plugins_path", "high") in _findings(config, cmdline=f"{command} {config}"), value
+    config = _write(tmp_path, world, {"plugins_path": str(private)})
+    assert ("plugins_path", "medium") in _findings(config, cmdline=f"{command} {config}")
+
+
+def _write(tmp_path: Path, world: dict[str, Path], extra: Mapping[str, str]) -> Path:
+    config = tmp_path / "c.properties"
+    config.write_text(_hardened(world["s1"], extra))
+    return config

@@ -26,7 +26,7 @@ from secure_handler.deploy.audit import jvm
 from secure_handler.deploy.audit.context import ENV_OVERRIDES, AuditContext
 from secure_handler.deploy.audit.report import ConfigFinding
 
-__all__ = ["LOADER_VARS", "RULES", "WATCHED_PREFIXES"]
+__all__ = ["LOADER_VARS", "RULES", "WATCHED_PREFIXES", "others_write", "writable_chain"]
 
 #: Variables naming where code is loaded from, and how their entries are separated (None: one
 #: path). `$JAVA_HOME/bin/java` is what the launcher runs; without JAVA_HOME it is `java` from
@@ -68,7 +68,7 @@ def loader_environment(ctx: AuditContext) -> Iterator[ConfigFinding]:
         entries = re.split(separator, value) if separator else [value]
         relative = [e or "(empty)" for e in entries if _cwd_relative(name, e)]
         writable = [e or "(empty)" for e in entries if not _cwd_relative(name, e)
-                    and any(_writable_chain(p) for p in _code_paths(name, Path(e or ".")))]
+                    and any(writable_chain(p) for p in _code_paths(name, Path(e or ".")))]
         if relative:
             yield ctx.finding("high", name, f"{', '.join(relative)} is not an absolute path: "
                               "each process resolves it in its own working directory, and a "
@@ -104,18 +104,18 @@ def _code_paths(name: str, path: Path) -> list[Path]:
     return [path, *(path / part for part in _JAVA_PARTS)] if name == "JAVA_HOME" else [path]
 
 
-def _writable_chain(path: Path) -> bool:
+def writable_chain(path: Path) -> bool:
     """Someone else can put a file at `path`: it, or a folder on the way, is writable by
     other users or owned by one; a missing path counts as whatever its nearest folder allows
     (in a sticky /tmp anyone can create it first)."""
     path = path if path.is_absolute() else Path.cwd() / path
     existing = next(p for p in (path, *path.parents) if p.exists())
-    if existing != path and _others_write(existing, sticky_protects=False):
+    if existing != path and others_write(existing, sticky_protects=False):
         return True
-    return any(_others_write(p, sticky_protects=True) for p in (existing, *existing.parents))
+    return any(others_write(p, sticky_protects=True) for p in (existing, *existing.parents))
 
 
-def _others_write(path: Path, *, sticky_protects: bool) -> bool:
+def others_write(path: Path, *, sticky_protects: bool) -> bool:
     try:
         info = path.stat()
     except OSError:
@@ -152,7 +152,7 @@ def extraction_folder(ctx: AuditContext) -> Iterator[ConfigFinding]:
     runs from there; the launcher sets java.io.tmpdir from TEMP (else the JVM uses /tmp).
     If another user owns or can write `models`, they can swap an unpacked model's files."""
     models = Path(ctx.environ.get("TEMP") or "/tmp") / "models"
-    if models.exists() and _writable_chain(models):
+    if models.exists() and writable_chain(models):
         yield ctx.finding("high", "TEMP", f"TorchServe unpacks archives into {models}/<id>, "
                           "and another user owns or can write that folder (or one above it): "
                           "they can replace an unpacked model's files before its worker "

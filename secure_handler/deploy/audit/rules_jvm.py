@@ -20,7 +20,7 @@ from pathlib import Path
 from secure_handler.deploy.audit import jvm
 from secure_handler.deploy.audit.context import AuditContext
 from secure_handler.deploy.audit.report import ConfigFinding
-from secure_handler.deploy.audit.rules_sources import writable_by_others
+from secure_handler.deploy.audit.rules_env import others_write, writable_chain
 
 __all__ = ["RULES"]
 
@@ -111,15 +111,23 @@ def plugins(ctx: AuditContext) -> Iterator[ConfigFinding]:
     if getattr(ctx.cmdline, "plugins_path", None):
         paths.append(ctx.cmdline.plugins_path)  # type: ignore[union-attr]
     for path in paths:
-        # The launcher appends the value to the Java class path: `:` separates entries.
-        entries = [Path(p.rstrip("*").rstrip("/") or "/") for p in path.split(":") if p]
-        writable = [str(p) for p in entries if writable_by_others(p)]
-        yield ctx.finding("high" if writable else "medium", "plugins_path", f"every jar in "
+        # The launcher appends `:<value>/*` (or `:<value>` when it holds a `*`) to the Java
+        # class path; an empty or relative entry is the frontend's working directory.
+        fragment = path if "*" in path else path + "/*"
+        entries = fragment.split(":")
+        relative = [e or "(empty)" for e in entries if not e.startswith("/")]
+        folders = [Path(e.rstrip("*").rstrip("/") or "/") for e in entries if e.startswith("/")]
+        # A sticky folder does not help: anyone may add a jar, and `*` loads every jar.
+        writable = [str(p) for p in folders if others_write(p, sticky_protects=False)
+                    or writable_chain(p)]
+        bad = relative + writable
+        yield ctx.finding("high" if bad else "medium", "plugins_path", f"every jar in "
                           f"`{path}` runs inside the frontend with its privileges"
-                          + (f" and {', '.join(writable)} is writable by other users"
-                             if writable else "") + ".", "Remove plugins_path, or make the "
-                          "directory root-owned and pin its jars.", cwe=["CWE-829"]
-                          + (["CWE-732"] if writable else []), source="launcher", value=path)
+                          + (f", and {', '.join(bad)} is relative (the frontend's working "
+                             "directory) or writable by other users" if bad else "") + ".",
+                          "Remove plugins_path, or make it an absolute root-owned directory "
+                          "and pin its jars.", cwe=["CWE-829"] + (["CWE-732"] if bad else []),
+                          source="launcher", value=path)
 
 
 def commands(ctx: AuditContext) -> Iterator[ConfigFinding]:
