@@ -18,6 +18,7 @@ same files do write and read, and the model-directory snapshot still fails `init
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import zipfile
@@ -312,3 +313,27 @@ def test_uninspected_forward_returns_a_host_file(tmp_path: Path) -> None:
     assert bytes(out[0].to(torch.uint8).tolist()) == b"k3y!"
     with pytest.raises(UnsafeModelError, match="aten::from_file"):
         loading.load_torchscript(tmp_path / "m.pt", torch.device("cpu"))
+
+
+def test_snapshot_names_a_same_size_rewrite_and_a_removal(tmp_path: Path) -> None:
+    """Modified (same size, mtime put back) and removed files are named like appeared ones."""
+    (tmp_path / "handler.py").write_text("x = 1\n")
+    (tmp_path / "labels.json").write_text("{}")
+    before = loading.snapshot_tree(tmp_path)
+    stat = (tmp_path / "handler.py").stat()
+    (tmp_path / "handler.py").write_text("x = 2\n")
+    os.utime(tmp_path / "handler.py", ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    (tmp_path / "labels.json").unlink()
+    with pytest.raises(UnsafeModelError, match=r"modified: handler\.py; removed: labels\.json"):
+        loading.check_tree_unchanged(tmp_path, before)
+
+
+def test_snapshot_leaves_out_bytecode_caches(tmp_path: Path) -> None:
+    """Another worker of the same model writes __pycache__ while importing the handler."""
+    before = loading.snapshot_tree(tmp_path)
+    (tmp_path / "__pycache__").mkdir()
+    (tmp_path / "__pycache__" / "handler.cpython-311.pyc").write_bytes(b"\x00")
+    loading.check_tree_unchanged(tmp_path, before)
+    (tmp_path / "sub").mkdir()
+    with pytest.raises(UnsafeModelError, match=r"appeared: sub"):
+        loading.check_tree_unchanged(tmp_path, before)
