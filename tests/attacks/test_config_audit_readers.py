@@ -262,7 +262,8 @@ def test_pythonwarnings_imports_a_module_and_is_high(world: dict[str, Path],
                  "TS_UNKNOWN", "JDK_JAVA_OPTIONS_X", "IBM_JAVA_OPTIONS2"):
         assert (name, "high") in _findings(config, cmdline=command, env={name: "x"}), name
     known = {"PYTHONUNBUFFERED": "1", "PYTHONDONTWRITEBYTECODE": "1", "JAVA_VERSION": "17",
-             "TS_DECODE_INPUT_REQUEST": "true", "LANG": "C.UTF-8"}
+             "TS_DECODE_INPUT_REQUEST": "true", "LANG": "C.UTF-8", "PYTHON_VERSION": "3.11.7",
+             "PYTHON_PIP_VERSION": "24.0", "PYENV_ROOT": "/opt/pyenv"}
     assert _findings(config, cmdline=command, env=known) == []
 
 

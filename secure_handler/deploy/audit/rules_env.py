@@ -50,6 +50,9 @@ _KNOWN = frozenset({
     "PYTHONUTF8", "PYTHONFAULTHANDLER", "PYTHONNOUSERSITE", "PYTHONSAFEPATH",
     "PYTHONCOERCECLOCALE", "PYTHONOPTIMIZE", "PYTHONTRACEMALLOC", "PYTHONDEVMODE",
     "PYTHONNODEBUGRANGES", "PYTHONINTMAXSTRDIGITS", "PYTHONMALLOC",
+    # the official Python container images describe their build with these; CPython reads none
+    "PYTHON_VERSION", "PYTHON_SHA256", "PYTHON_PIP_VERSION", "PYTHON_SETUPTOOLS_VERSION",
+    "PYTHON_GET_PIP_URL", "PYTHON_GET_PIP_SHA256",
     # JVM images set these; `java` reads neither, and CLASSPATH is ignored beside `-cp`
     "JAVA_VERSION", "JAVA_OPTS", "JAVA_HOME", "CLASSPATH",
     # glibc: resolve symbols at start-up (no file named)
