@@ -65,6 +65,27 @@ def test_torch_names_follow_the_operation_allowlist() -> None:
     assert not {"softmax", "tolist", "view", "eval", "decode", "get", "items"} & refused
 
 
+def test_refused_value_names_are_derived_from_the_types_a_handler_reaches() -> None:
+    """TorchScript's IR entry points and pydantic's non-data API are derived, so a new name in
+    either library is refused by default; the data API and common names stay allowed."""
+    refused = refused_value_attributes()
+    assert {"graph", "inlined_graph", "owner", "define", "save_to_buffer"} <= refused
+    assert {"parse_raw", "parse_file", "model_rebuild", "update_forward_refs"} <= refused
+    assert {"mro", "obj"} <= refused
+    kept = {"code", "name", "schema", "model_dump", "model_copy", "model_validate", "copy",
+            "dict", "json", "forward", "eval", "parameters", "state_dict", "training"}
+    assert not kept & refused
+
+
+def test_archive_module_names_are_judged_against_every_module_outside() -> None:
+    from secure_handler.supply.scan_rules import shadows_outside_module
+
+    outside = ["os", "json", "torch", "numpy", "secure_handler", "ts", "sitecustomize",
+               "model_server", "utils", "context", "PIL", "pydantic"]  # fmt: skip
+    assert all(shadows_outside_module(name) for name in outside)
+    assert not any(shadows_outside_module(n) for n in ("handler", "textutil", "my_labels"))
+
+
 def test_waivable_findings_carry_the_hash_a_policy_names() -> None:
     source = "class H:\n    def f(self):\n        self.model.save(\n            'x')\n"
     [hit] = scan_source(source, "h.py")
