@@ -318,7 +318,8 @@ class _Judge:
         if isinstance(func, ast.Name) and func.id == "super" and (node.args or node.keywords):
             # super(Base, obj) starts the lookup past any class named, up to bases the
             # allowlist never names (TorchServe's BaseHandler loads models by path).
-            self.hit("SH210", node, "`super` with arguments reaches past the classes named")
+            self.hit("SH210", node, "`super` with arguments reaches past the classes named "
+                     "(write `super()`)")  # fmt: skip
         if isinstance(func, ast.Name) and self._is_attribute_call(func):
             literal = node.args[1]
             if isinstance(literal, ast.Constant) and isinstance(literal.value, str):
@@ -335,8 +336,7 @@ class _Judge:
         module = self._module_of(value)
         root = self._import_root(value)
         if module is None and root is not None and _setter(node):
-            self.hit("SH114", node, f"assigns to `.{attr}` of {root.target}, which was "
-                     "imported (imported classes and functions are read-only here)")  # fmt: skip
+            self.hit("SH114", node, f"assigns to `.{attr}` of the imported {root.target}")
             return
         if module is None:
             if attr in self.refused_attrs:
