@@ -1,8 +1,9 @@
 """The gateway's ASGI application: `create_app(config)`.
 
 It joins the `Gateway` (app.py: the gate, inference, health) with the management routes
-(manage.py) under the exact-match router (routing.py), and runs the lifespan: the start and
-stop log lines, and closing TorchServe's connections and the audit log at shutdown.
+(manage.py) and the KServe v1 / OIP v2 routes (oip.py) under the exact-match router
+(routing.py), and runs the lifespan: the start and stop log lines, and closing TorchServe's
+connections and the audit log at shutdown.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import logging
 from secure_handler.gateway.app import Gateway
 from secure_handler.gateway.config import GatewayConfig
 from secure_handler.gateway.manage import management_routes
+from secure_handler.gateway.oip import oip_routes
 from secure_handler.gateway.ratelimit import RateLimiter
 from secure_handler.gateway.routing import Receive, Route, Router, Scope, Send
 
@@ -29,6 +31,7 @@ def _routes(gw: Gateway) -> list[Route]:
         Route("/predictions/{model}", {"POST": predict}),
         Route("/predictions/{model}/{version}", {"POST": predict}),
         *management_routes(gw),
+        *oip_routes(gw),  # KServe v1 / OIP v2 (oip.py), the same gate
     ]
 
 
