@@ -16,9 +16,10 @@ import math
 import subprocess
 import sys
 import warnings
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import pytest
 import torch
@@ -237,6 +238,81 @@ def test_architecture_passes_inspection_and_loads(tmp_path: Path, arch: str, how
     loaded = load_torchscript(path, torch.device("cpu"))
     with torch.inference_mode():
         assert same_outputs(loaded(*inputs), exported(*inputs))
+
+
+class Scored(NamedTuple):
+    logits: Tensor
+    label: int
+
+
+class Counter:
+    """A TorchScript class (not a module), built inside forward: compiled along with it."""
+
+    def __init__(self, start: int) -> None:
+        self.n = start
+
+    def bump(self) -> int:
+        self.n += 1
+        return self.n
+
+
+class LinearScorer(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(4, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.linear(x)
+
+
+def double(x: Tensor) -> Tensor:
+    return x * 2
+
+
+class LanguageFeatures(nn.Module):
+    """What scripted models use besides layers: a TorchScript class, a NamedTuple result, ModuleDict/ModuleList loops, a comprehension, Optional, an f-string,
+    an `inf` default, an assert, and `torch.jit.fork`/`wait` (printed as a
+    closure)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scorer = LinearScorer()
+        self.table = {"offset": 1}
+        self.acts = nn.ModuleDict({"relu": nn.ReLU(), "tanh": nn.Tanh()})
+        self.more = nn.ModuleList([nn.Identity(), nn.ReLU()])
+
+    def forward(self, x: Tensor, scale: float = float("inf")) -> Scored:
+        counter = Counter(0)
+        counter.bump()
+        future = torch.jit.fork(double, x)
+        y = self.scorer.forward(torch.jit.wait(future))
+        for _, act in self.acts.items():
+            y = act(y)
+        for layer in self.more:
+            y = layer(y)
+        rows = [y[i] for i in range(y.shape[0])]
+        z: Tensor | None = torch.stack(rows) if len(rows) > 0 else None
+        if z is None:
+            z = y
+        label = int(torch.argmax(z[0]).item())
+        assert label >= 0, f"v{counter.n}"
+        return Scored(z * min(scale, 1.0), label + self.table["offset"])
+
+
+def test_language_features_pass_inspection_and_load(tmp_path: Path) -> None:
+    path = tmp_path / "features.pt"
+    torch.manual_seed(0)
+    exported = save_torchscript(LanguageFeatures(), path)
+    with zipfile.ZipFile(path) as zf:
+        code = b"".join(zf.read(n) for n in zf.namelist() if n.endswith(".py"))
+    assert b"def __forked_function():" in code  # the closure form is what is inspected
+    assert inspect_torchscript(path) == []
+    loaded = load_torchscript(path, torch.device("cpu"))
+    x = torch.randn(3, 4)
+    with torch.inference_mode():
+        got, want = loaded(x), exported(x)
+    assert torch.equal(got[0], want[0])
+    assert got[1] == want[1]
 
 
 EXAMPLE_BUILDS = [
