@@ -15,22 +15,23 @@ import shutil
 import subprocess
 import sys
 import zipfile
-from collections.abc import Mapping
 from functools import partial
 from pathlib import Path
-from unittest import mock
 
 import pytest
 import ts
+from attacks.audit_support import (
+    JAR,
+    JAVA,
+    findings,
+    hardened,
+    launcher_java_args,
+    make_world,
+    needs_java,
+)
 from ts import model_server
 
-from secure_handler.deploy.audit import audit_file
 from secure_handler.deploy.audit.context import ENV_OVERRIDES
-from secure_handler.deploy.tsconfig import ModelSpec, hardened_properties, render_properties
-
-JAR = Path(ts.__file__).parent / "frontend" / "model-server.jar"
-JAVA = shutil.which("java")
-needs_java = pytest.mark.skipif(JAVA is None, reason="Java is not installed")
 
 # TorchServe's ConfigManager, initialised from the exact arguments the launcher passes, once per
 # `;`-separated argument list; it prints the store, the server home and the inference socket
@@ -57,52 +58,10 @@ public class Effective {
 """
 
 
-def _hardened(store: Path, extra: Mapping[str, str] | None = None) -> str:
-    props = hardened_properties(store, models=(ModelSpec("m", "m.mar"),))
-    return render_properties({**props, **(extra or {})})
-
-
-def _findings(config: Path, *, cmdline: str, env: Mapping[str, str] | None = None,
-              store: Path | None = None) -> list[tuple[str, str]]:
-    found = audit_file(config, cmdline=cmdline, environ=dict(env or {}), model_store=store)
-    return [(f.key, f.severity) for f in found]
-
-
-def _launcher_java_args(config: Path, *extra: str) -> list[str]:
-    """The arguments TorchServe's own launcher (`ts.model_server.start`) gives to Java."""
-    cmd = _launcher_command(config, *extra)
-    return cmd[cmd.index("org.pytorch.serve.ModelServer") + 1:]
-
-
-def _launcher_command(config: Path, *extra: str) -> list[str]:
-    """The JVM command line TorchServe's own launcher (`ts.model_server.start`) runs."""
-    seen: dict[str, list[str]] = {}
-
-    def popen(cmd: list[str], *args: object, **kwargs: object) -> mock.Mock:
-        seen["cmd"] = cmd
-        return mock.Mock(pid=0)
-
-    argv = ["torchserve", "--start", "--ncs", "--ts-config", str(config), *extra]
-    # Its pid file goes to a folder of this test, not the machine's temp folder.
-    with mock.patch.object(subprocess, "Popen", popen), mock.patch.object(sys, "argv", argv), \
-            mock.patch.object(model_server.tempfile, "gettempdir", return_value=str(config.parent)):
-        model_server.start()
-    return seen["cmd"]
-
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """Stores, a folder anyone can write, and a fake TorchServe home in it."""
-    root = tmp_path_factory.mktemp("readers")
-    paths = {name: root / name for name in ("s1", "s2", "s3", "shared")}
-    for path in paths.values():
-        path.mkdir(mode=0o755)
-        path.chmod(0o755)
-    paths["shared"].chmod(0o777)
-    (paths["shared"] / "ts").mkdir()
-    (paths["shared"] / "ts" / "version.txt").write_text("0.12.0\n")
-    paths["root"] = root
-    return paths
+    return make_world(tmp_path_factory.mktemp("readers"))
 
 
 # --- the store: the launcher's `-s` wins over Java's reading, TS_MODEL_STORE over both -------
@@ -112,14 +71,14 @@ def _split_store_config(world: dict[str, Path]) -> Path:
     # Java: model_store=s1 and cors_allowed_methods="GETmodel_store=.../s2" (a continuation);
     # the launcher: model_store=s2, which it passes to Java as `-s`.
     config = world["root"] / "split.properties"
-    config.write_text(_hardened(world["s1"]) + f"cors_allowed_methods=GET\\\nmodel_store="
+    config.write_text(hardened(world["s1"]) + f"cors_allowed_methods=GET\\\nmodel_store="
                       f"{world['s2']}\n")
     return config
 
 
 def _env_store_config(world: dict[str, Path]) -> Path:
     config = world["root"] / "envstore.properties"
-    config.write_text(_hardened(world["s1"], {"enable_envvars_config": "true"}))
+    config.write_text(hardened(world["s1"], {"enable_envvars_config": "true"}))
     return config
 
 
@@ -129,7 +88,7 @@ ESCAPED_ADDRESS = "http\\://0.0.0.0:8080"
 
 def _env_ref_config(world: dict[str, Path]) -> Path:
     config = world["root"] / "envref.properties"
-    config.write_text(_hardened(world["s1"], {"inference_address": "$$INFERENCE_ADDR$$"}))
+    config.write_text(hardened(world["s1"], {"inference_address": "$$INFERENCE_ADDR$$"}))
     return config
 
 
@@ -141,9 +100,9 @@ def effective(world: dict[str, Path]) -> list[str]:
         pytest.skip("Java is not installed")
     source = world["root"] / "Effective.java"
     source.write_text(EFFECTIVE)
-    split = _launcher_java_args(_split_store_config(world))
-    by_env = _launcher_java_args(_env_store_config(world), "--model-store", str(world["s1"]))
-    by_ref = _launcher_java_args(_env_ref_config(world), "--model-store", str(world["s1"]))
+    split = launcher_java_args(_split_store_config(world))
+    by_env = launcher_java_args(_env_store_config(world), "--model-store", str(world["s1"]))
+    by_ref = launcher_java_args(_env_ref_config(world), "--model-store", str(world["s1"]))
     # ConfigManager runs `nvidia-smi` to count GPUs: with an empty PATH entry, the one here.
     fake = world["root"] / "nvidia-smi"
     fake.write_text(f"#!/bin/sh\ntouch {world['root']}/ran-from-cwd\necho index\n")
@@ -164,10 +123,10 @@ def test_store_from_the_launchers_reading_is_high(world: dict[str, Path],
     assert effective[0].split()[0] == str(world["s2"])  # not Java's own s1
     config = world["root"] / "split.properties"
     # Without --model-store: the launcher's reading is the store, and it disagrees with Java's.
-    found = _findings(config, cmdline=f"torchserve --start --ncs --ts-config {config}")
+    found = findings(config, cmdline=f"torchserve --start --ncs --ts-config {config}")
     assert ("model_store", "high") in found
     # The store the caller audits (Java's reading, as `audit-config` took it) is not the one.
-    found = _findings(config, cmdline=f"torchserve --start --ncs --ts-config {config}",
+    found = findings(config, cmdline=f"torchserve --start --ncs --ts-config {config}",
                       store=world["s1"])
     assert ("model_store", "high") in found
 
@@ -177,7 +136,7 @@ def test_store_from_the_environment_wins_over_the_command_line(world: dict[str, 
                                                                effective: list[str]) -> None:
     assert effective[1].split()[0] == str(world["s3"])  # TS_MODEL_STORE beat `-s s1`
     config = world["root"] / "envstore.properties"
-    found = _findings(config, cmdline=f"torchserve --start --ncs --ts-config {config} "
+    found = findings(config, cmdline=f"torchserve --start --ncs --ts-config {config} "
                       f"--model-store {world['s1']}", env={"TS_MODEL_STORE": str(world["s3"])},
                       store=world["s1"])
     assert ("model_store", "high") in found
@@ -190,12 +149,12 @@ def test_model_server_home_from_the_environment_is_high(world: dict[str, Path],
     # Workers run `<home>/ts/model_service_worker.py`: the folder anyone can write.
     assert {line.split()[1] for line in effective} == {str(world["shared"])}
     config = tmp_path / "c.properties"
-    config.write_text(_hardened(world["s1"]))
+    config.write_text(hardened(world["s1"]))
     command = f"torchserve --start --ncs --ts-config {config} --model-store {world['s1']}"
     env = {"TS_MODEL_SERVER_HOME": str(world["shared"])}
-    assert ("TS_MODEL_SERVER_HOME", "high") in _findings(config, cmdline=command, env=env)
+    assert ("TS_MODEL_SERVER_HOME", "high") in findings(config, cmdline=command, env=env)
     installed = str(Path(ts.__file__).resolve().parent.parent)
-    assert _findings(config, cmdline=command, env={"TS_MODEL_SERVER_HOME": installed}) == []
+    assert findings(config, cmdline=command, env={"TS_MODEL_SERVER_HOME": installed}) == []
 
 
 @needs_java
@@ -203,20 +162,20 @@ def test_empty_path_entry_runs_programs_from_the_working_directory(
         world: dict[str, Path], effective: list[str], tmp_path: Path) -> None:
     assert (world["root"] / "ran-from-cwd").exists()  # TorchServe's own GPU probe ran it
     config = tmp_path / "c.properties"
-    config.write_text(_hardened(world["s1"]))
+    config.write_text(hardened(world["s1"]))
     command = f"torchserve --start --ncs --ts-config {config} --model-store {world['s1']}"
     for name, value in [("PATH", ":/usr/bin"), ("PATH", "/usr/bin:bin"),
                         ("LD_LIBRARY_PATH", "/usr/lib::"), ("LD_PRELOAD", "./lib.so"),
                         ("PYTHONHOME", "venv"), ("PYTHONPYCACHEPREFIX", "cache"),
                         ("JAVA_HOME", "jdk"), ("PYTHONUSERBASE", "")]:
         if value:
-            assert (name, "high") in _findings(config, cmdline=command, env={name: value}), name
+            assert (name, "high") in findings(config, cmdline=command, env={name: value}), name
 
 
 def test_loader_paths_writable_by_others_are_high(world: dict[str, Path],
                                                   tmp_path: Path) -> None:
     config = tmp_path / "c.properties"
-    config.write_text(_hardened(world["s1"]))
+    config.write_text(hardened(world["s1"]))
     command = f"torchserve --start --ncs --ts-config {config} --model-store {world['s1']}"
     jdk = tmp_path / "jdk"  # root-owned-looking JDK whose bin/ anyone can write
     (jdk / "bin").mkdir(parents=True)
@@ -225,8 +184,8 @@ def test_loader_paths_writable_by_others_are_high(world: dict[str, Path],
     shared = str(world["shared"])
     for name, value in [("PATH", f"/usr/bin:{shared}"), ("PYTHONUSERBASE", shared),
                         ("PYTHONPYCACHEPREFIX", f"{shared}/cache"), ("JAVA_HOME", str(jdk))]:
-        assert (name, "high") in _findings(config, cmdline=command, env={name: value}), name
-    assert _findings(config, cmdline=command, env={"PATH": "/usr/bin:/bin"}) == []
+        assert (name, "high") in findings(config, cmdline=command, env={name: value}), name
+    assert findings(config, cmdline=command, env={"PATH": "/usr/bin:/bin"}) == []
 
 
 @needs_java
@@ -234,12 +193,12 @@ def test_env_reference_read_as_a_replacement_template_is_high(world: dict[str, P
                                                               effective: list[str]) -> None:
     assert effective[2].split()[2] == "/0.0.0.0:8080"  # plain HTTP on every interface
     config = world["root"] / "envref.properties"
-    found = _findings(config, cmdline=f"torchserve --start --ncs --ts-config {config} "
+    found = findings(config, cmdline=f"torchserve --start --ncs --ts-config {config} "
                       f"--model-store {world['s1']}", env={"INFERENCE_ADDR": ESCAPED_ADDRESS},
                       store=world["s1"])
     assert ("inference_address", "high") in found
     for broken in ("http://127.0.0.1:8080\\", "http://127.0.0.1:$", "http://${x}"):
-        found = _findings(config, cmdline=f"torchserve --start --ncs --ts-config {config} "
+        found = findings(config, cmdline=f"torchserve --start --ncs --ts-config {config} "
                           f"--model-store {world['s1']}", env={"INFERENCE_ADDR": broken},
                           store=world["s1"])
         assert ("INFERENCE_ADDR", "medium") in found, broken
@@ -256,15 +215,15 @@ def test_pythonwarnings_imports_a_module_and_is_high(world: dict[str, Path],
     subprocess.run([sys.executable, "-c", "pass"], env=env, check=True, timeout=60)
     assert (tmp_path / "imported").exists()  # the interpreter imported it at start-up
     config = tmp_path / "c.properties"
-    config.write_text(_hardened(world["s1"]))
+    config.write_text(hardened(world["s1"]))
     command = f"torchserve --start --ncs --ts-config {config} --model-store {world['s1']}"
     for name in ("PYTHONWARNINGS", "PYTHONSTARTUP", "LD_DEBUG_OUTPUT", "JAVA_TOOL_OPTION",
                  "TS_UNKNOWN", "JDK_JAVA_OPTIONS_X", "IBM_JAVA_OPTIONS2"):
-        assert (name, "high") in _findings(config, cmdline=command, env={name: "x"}), name
+        assert (name, "high") in findings(config, cmdline=command, env={name: "x"}), name
     known = {"PYTHONUNBUFFERED": "1", "PYTHONDONTWRITEBYTECODE": "1", "JAVA_VERSION": "17",
              "TS_DECODE_INPUT_REQUEST": "true", "LANG": "C.UTF-8", "PYTHON_VERSION": "3.11.7",
              "PYTHON_PIP_VERSION": "24.0", "PYENV_ROOT": "/opt/pyenv"}
-    assert _findings(config, cmdline=command, env=known) == []
+    assert findings(config, cmdline=command, env=known) == []
 
 
 # --- encodings: the launcher decodes the file in the locale's encoding ------------------------
@@ -279,24 +238,24 @@ def test_vmargs_behind_a_locale_space_is_high(encoding: str, world: dict[str, Pa
                                               tmp_path: Path,
                                               monkeypatch: pytest.MonkeyPatch) -> None:
     config = tmp_path / "c.properties"
-    hardened = _hardened(world["s1"])
-    config.write_bytes(hardened.encode("ascii") + IDEOGRAPHIC_SPACE[encoding]
+    text = hardened(world["s1"])
+    config.write_bytes(text.encode("ascii") + IDEOGRAPHIC_SPACE[encoding]
                        + b"vmargs=-javaagent:/tmp/evil.jar\n")
     # Not UTF-8, and no JVM-visible `vmargs`: only a launcher in that locale sees the agent.
     monkeypatch.setattr(model_server, "open", partial(open, encoding=encoding), raising=False)
     assert model_server.load_properties(str(config))["vmargs"] == "-javaagent:/tmp/evil.jar"
     command = f"torchserve --start --ncs --ts-config {config} --model-store {world['s1']}"
-    found = _findings(config, cmdline=command)
-    line = f"config line {len(hardened.splitlines()) + 1}"
+    found = findings(config, cmdline=command)
+    line = f"config line {len(text.splitlines()) + 1}"
     assert [f for f in found if f[0].startswith("config line")] == [(line, "high")]
 
 
 def test_non_ascii_comments_are_not_flagged(world: dict[str, Path], tmp_path: Path) -> None:
     config = tmp_path / "c.properties"
-    config.write_bytes(b"# mod\xc3\xa8le \xa1\xa1\n  # \x81\x40\n" + _hardened(world["s1"])
+    config.write_bytes(b"# mod\xc3\xa8le \xa1\xa1\n  # \x81\x40\n" + hardened(world["s1"])
                        .encode("ascii"))
     command = f"torchserve --start --ncs --ts-config {config} --model-store {world['s1']}"
-    assert _findings(config, cmdline=command) == []
+    assert findings(config, cmdline=command) == []
 
 
 # --- the CPU launcher: run_cpu's arguments, by an allowlist -----------------------------------
@@ -317,13 +276,13 @@ def test_cpu_launcher_args_run_a_program(world: dict[str, Path], tmp_path: Path)
     command = f"torchserve --start --ncs --ts-config {config} --model-store {world['s1']}"
     for hostile in (args, f"--no_python {program}", "-m evil", "--log_path /tmp/x",
                     "--enable_jemalloc", "--ninstances 1  --rank 0", "--ncores_per_instance\t2"):
-        config.write_text(_hardened(world["s1"], {"cpu_launcher_enable": "true",
+        config.write_text(hardened(world["s1"], {"cpu_launcher_enable": "true",
                                                   "cpu_launcher_args": hostile}))
-        assert ("cpu_launcher_args", "high") in _findings(config, cmdline=command), hostile
-    config.write_text(_hardened(world["s1"], {
+        assert ("cpu_launcher_args", "high") in findings(config, cmdline=command), hostile
+    config.write_text(hardened(world["s1"], {
         "cpu_launcher_enable": "true",
         "cpu_launcher_args": "--use_logical_core --ncores-per-instance 4 --node_id=0 --disable-iomp"}))
-    assert _findings(config, cmdline=command) == [("cpu_launcher_enable", "medium")]
+    assert findings(config, cmdline=command) == [("cpu_launcher_enable", "medium")]
 
 
 # --- the `models` JSON: whatever it holds, the audit answers ----------------------------------
@@ -334,29 +293,9 @@ def test_cpu_launcher_args_run_a_program(world: dict[str, Path], tmp_path: Path)
 def test_models_json_the_audit_cannot_read_is_flagged_not_fatal(
         models: str, world: dict[str, Path], tmp_path: Path) -> None:
     config = tmp_path / "c.properties"
-    config.write_text(_hardened(world["s1"], {"models": models}))
+    config.write_text(hardened(world["s1"], {"models": models}))
     command = f"torchserve --start --ncs --ts-config {config} --model-store {world['s1']}"
-    assert _findings(config, cmdline=command) == [("models", "medium")]
-
-
-# --- what replaces an archive's own code --------------------------------------------------------
-
-
-@pytest.mark.parametrize(("key", "value"), [
-    ("default_service_handler", "/tmp/evil.py:handle"),
-    ("default_service_handler", "image_classifier"),
-    ("service_envelope", "json"),
-    ("service_envelope", "..image_classifier"),
-])
-def test_handler_and_envelope_defaults_are_high(key: str, value: str, world: dict[str, Path],
-                                                tmp_path: Path) -> None:
-    # ModelManager.createModelArchive: an archive without a handler gets
-    # default_service_handler; every archive gets service_envelope, which the worker imports
-    # as `.<value>` relative to ts.torch_handler.request_envelope.
-    config = tmp_path / "c.properties"
-    config.write_text(_hardened(world["s1"], {key: value}))
-    command = f"torchserve --start --ncs --ts-config {config} --model-store {world['s1']}"
-    assert (key, "high") in _findings(config, cmdline=command)
+    assert findings(config, cmdline=command) == [("models", "medium")]
 
 
 # --- no false alarm: the generated config, in a plain server environment ------------------------
@@ -365,7 +304,7 @@ def test_handler_and_envelope_defaults_are_high(key: str, value: str, world: dic
 def test_generated_config_is_clean_in_a_server_environment(world: dict[str, Path],
                                                            tmp_path: Path) -> None:
     config = tmp_path / "c.properties"
-    config.write_text(_hardened(world["s1"]))
+    config.write_text(hardened(world["s1"]))
     env = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
            "HOME": str(tmp_path), "LANG": "C.UTF-8", "PYTHONUNBUFFERED": "1",
            "PYTHONDONTWRITEBYTECODE": "1", "TMPDIR": str(tmp_path), "LOG_LOCATION": str(tmp_path)}
@@ -373,133 +312,25 @@ def test_generated_config_is_clean_in_a_server_environment(world: dict[str, Path
         env["JAVA_HOME"] = str(Path(JAVA).resolve().parent.parent)
     for command in (f"torchserve --start --ncs --ts-config {config} --model-store {world['s1']}",
                     f"torchserve --start --ncs --ts-config {config}"):
-        assert _findings(config, cmdline=command, env=env) == [], command
-
-
-# --- load_models: only `.mar` files, and ALL only as the whole value ----------------------------
-
-
-@pytest.mark.parametrize("value", ["m=m", "m", "m.mar,all", "m.mar,ALL", "m=m.tar.gz",
-                                   "m=m.model"])
-def test_load_models_naming_folders_or_other_formats_is_high(value: str, world: dict[str, Path],
-                                                             tmp_path: Path) -> None:
-    # initModelStore treats ALL only as the whole value (equalsIgnoreCase); any other name is
-    # looked up in the store, where a folder is served as an unpacked, unverified model.
-    config = tmp_path / "c.properties"
-    config.write_text(_hardened(world["s1"], {"load_models": value}))
-    command = f"torchserve --start --ncs --ts-config {config} --model-store {world['s1']}"
-    assert ("load_models", "high") in _findings(config, cmdline=command)
-    assert ("load_models", "high") in _findings(config, cmdline=f"{command} --models {value}")
-    for fine in ("all", "ALL", "m=m.mar,n=n.mar"):
-        config.write_text(_hardened(world["s1"], {"load_models": fine}))
-        assert _findings(config, cmdline=command) == [], fine
-
-
-def test_log_config_writable_by_others_is_flagged(world: dict[str, Path],
-                                                  tmp_path: Path) -> None:
-    config = tmp_path / "c.properties"
-    config.write_text(_hardened(world["s1"]))
-    log = world["shared"] / "log4j2.xml"
-    log.write_text("<Configuration/>\n")
-    command = f"torchserve --start --ncs --ts-config {config} --model-store {world['s1']}"
-    assert ("--log-config", "medium") in _findings(config, cmdline=f"{command} --log-config {log}")
-
-
-# --- allowed_urls: what java.net.URL opens, not only http(s):// and file:// -------------------
-
-# TorchServe's own download path: ModelArchive.downloadModel -> validateURL -> new URL(url).
-DOWNLOAD = r"""
-import java.util.*;
-import org.pytorch.serve.archive.model.ModelArchive;
-
-public class Download {
-    public static void main(String[] argv) {
-        for (int i = 0; i + 2 < argv.length; i += 3) {
-            String answer;
-            try {
-                ModelArchive.downloadModel(Arrays.asList(argv[i].split(",")), argv[i + 1], argv[i + 2], false);
-                answer = "loaded";
-            } catch (Throwable e) {
-                Throwable root = e;
-                while (root.getCause() != null) root = root.getCause();
-                answer = e.getClass().getSimpleName() + "/" + root.getClass().getSimpleName();
-            }
-            System.out.println("= " + answer);
-        }
-    }
-}
-"""
-# (allowed_urls pattern, URL a caller sends): each gets past validateURL and is opened.
-OTHER_SHAPES = [
-    ("file:/[^/].*", "file:{outside}"),  # one slash: a local file, no host
-    (r" ?https://models\.example\.com/.*| file://.*", " file://{outside}"),  # blanks skipped
-    ("\tfile://localhost/store/.*|\tfile:/.*", "\tfile:{outside}"),
-    ("url:.*", "url:file:{outside}"),  # java.net.URL drops a leading `url:`
-    ("jar:.*", "jar:file:{jar}!/m.mar"),  # an entry of a local (or remote) jar
-    ("ftp://.*", "ftp://127.0.0.1:1/m.mar"),  # fetched over FTP
-]
-
-
-@pytest.fixture(scope="module")
-def downloads(world: dict[str, Path]) -> list[tuple[str, Path]]:
-    """Each case run by TorchServe's download code, into its own empty store."""
-    if JAVA is None:
-        pytest.skip("Java is not installed")
-    outside = world["root"] / "outside.mar"
-    outside.write_bytes(b"not verified\n")
-    jar = world["root"] / "outside.jar"
-    with zipfile.ZipFile(jar, "w") as zf:
-        zf.writestr("m.mar", b"not verified either\n")
-    argv, stores = [], []
-    for n, (pattern, url) in enumerate(OTHER_SHAPES):
-        store = world["root"] / f"dl{n}"
-        store.mkdir()
-        stores.append(store)
-        argv += [pattern, str(store), url.format(outside=outside, jar=jar)]
-    source = world["root"] / "Download.java"
-    source.write_text(DOWNLOAD)
-    run = subprocess.run([str(JAVA), "-cp", str(JAR), str(source), *argv], capture_output=True,
-                         text=True, timeout=600)
-    assert run.returncode == 0, run.stderr[-3000:]
-    answers = [line[2:] for line in run.stdout.splitlines() if line.startswith("= ")]
-    return list(zip(answers, stores, strict=True))
-
-
-@needs_java
-@pytest.mark.parametrize("case", range(len(OTHER_SHAPES)), ids=[p for p, _ in OTHER_SHAPES])
-def test_allowed_urls_admitting_other_url_shapes_is_high(
-        case: int, downloads: list[tuple[str, Path]], world: dict[str, Path],
-        tmp_path: Path) -> None:
-    answer, store = downloads[case]
-    pattern, url = OTHER_SHAPES[case]
-    if url.startswith("ftp:"):  # it tried to connect: FtpURLConnection, refused on port 1
-        assert answer == "DownloadArchiveException/ConnectException"
-    else:  # the archive from outside the store was copied into it
-        assert [p.name for p in store.iterdir()] == ["outside.mar" if "jar:" not in url
-                                                     else "m.mar"], answer
-    config = tmp_path / "c.properties"
-    config.write_text(_hardened(world["s1"], {"allowed_urls": pattern}))
-    command = f"torchserve --start --ncs --ts-config {config} --model-store {world['s1']}"
-    found = _findings(config, cmdline=command)
-    assert [f for f in found if f[0] == "allowed_urls"] == [("allowed_urls", "high")]
+        assert findings(config, cmdline=command, env=env) == [], command
 
 
 def test_extraction_folder_others_can_write_is_high(world: dict[str, Path],
                                                     tmp_path: Path) -> None:
     # ZipUtils.unzip: FileUtils.getTempDirectory()/models/<uuid>, the worker's directory.
     config = tmp_path / "c.properties"
-    config.write_text(_hardened(world["s1"]))
+    config.write_text(hardened(world["s1"]))
     command = f"torchserve --start --ncs --ts-config {config} --model-store {world['s1']}"
     temp = tmp_path / "temp"
     (temp / "models").mkdir(parents=True)
     temp.chmod(0o755)
     (temp / "models").chmod(0o777)
-    assert ("TEMP", "high") in _findings(config, cmdline=command, env={"TEMP": str(temp)})
+    assert ("TEMP", "high") in findings(config, cmdline=command, env={"TEMP": str(temp)})
     (temp / "models").chmod(0o755)
     temp.chmod(0o777)  # not sticky: anyone can rename `models` away and put theirs
-    assert ("TEMP", "high") in _findings(config, cmdline=command, env={"TEMP": str(temp)})
+    assert ("TEMP", "high") in findings(config, cmdline=command, env={"TEMP": str(temp)})
     temp.chmod(0o755)
-    assert _findings(config, cmdline=command, env={"TEMP": str(temp)}) == []
+    assert findings(config, cmdline=command, env={"TEMP": str(temp)}) == []
 
 
 @pytest.mark.skipif(shutil.which("javap") is None, reason="javap is not installed")
@@ -515,31 +346,3 @@ def test_environment_overrides_are_exactly_the_frontends_ts_fields(tmp_path: Pat
     assert len(fields) > 50
     assert fields == ENV_OVERRIDES
 
-
-def test_plugins_path_relative_empty_or_open_is_high(world: dict[str, Path],
-                                                     tmp_path: Path) -> None:
-    # The launcher builds `-cp .:<ts jars>:<plugins_path>/*` (ts.model_server.start).
-    sticky = tmp_path / "sticky"
-    sticky.mkdir()
-    sticky.chmod(0o1777)  # like /tmp: anyone may add a jar, and `/*` loads every jar
-    private = tmp_path / "private"
-    private.mkdir()
-    private.chmod(0o755)
-    cmd = _launcher_command(_write(tmp_path, world, {"plugins_path": f"{private}:"}),
-                            "--model-store", str(world["s1"]))
-    class_path = cmd[cmd.index("-cp") + 1].split(":")
-    assert class_path[0] == "."  # the working directory, always
-    assert class_path[-2:] == [str(private), "/*"]  # the empty entry became "/*": every jar in /
-    command = f"torchserve --start --ncs --model-store {world['s1']} --ts-config"
-    for value in ("plugins", f"{private}::{private}", f"{private}:lib", str(sticky),
-                  str(world["shared"])):
-        config = _write(tmp_path, world, {"plugins_path": value})
-        assert ("plugins_path", "high") in _findings(config, cmdline=f"{command} {config}"), value
-    config = _write(tmp_path, world, {"plugins_path": str(private)})
-    assert ("plugins_path", "medium") in _findings(config, cmdline=f"{command} {config}")
-
-
-def _write(tmp_path: Path, world: dict[str, Path], extra: Mapping[str, str]) -> Path:
-    config = tmp_path / "c.properties"
-    config.write_text(_hardened(world["s1"], extra))
-    return config
