@@ -8,7 +8,8 @@ be complete, so this scan judges each file by what it may do (`supply/scan_rules
 * it uses only syntax the scan understands (SH003);
 * it imports only listed modules (SH110) and only listed names from them (SH111), no `*`
   (SH112), no relative import outside the archive (SH113); a module is used only as
-  `module.name` and an imported name is never rebound (SH114);
+  `module.name` and an imported name is never rebound (SH114); no archive module takes the
+  name of a module outside the archive, which is the one the worker would run (SH115);
 * it names only listed builtins (SH210): a forbidden builtin may not be referenced at all, so
   `x = eval`, `[eval][0]`, `map(eval, ...)` and `def f(e=eval)` are refused alike;
 * no private, special or frame attribute (SH211), no attribute that writes files or reaches
@@ -21,9 +22,15 @@ from __future__ import annotations
 
 import ast
 import codecs
+import functools
+import importlib.machinery
+import importlib.metadata
+import importlib.util
 import io
 import os
+import pkgutil
 import re
+import sys
 import tokenize
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -37,7 +44,7 @@ from secure_handler.supply.scan_judge import (
     judge_module,
     module_name,
 )
-from secure_handler.supply.scan_rules import shadows_outside_module
+from secure_handler.supply.scan_rules import allowed_module_names
 
 __all__ = [
     "ScanContext",
@@ -48,6 +55,7 @@ __all__ = [
     "scan_paths",
     "scan_source",
     "scan_tree",
+    "shadows_outside_module",
 ]
 
 _COOKIE = re.compile(rb"coding[:=][ \t]*([-\w.]+)", re.IGNORECASE)
@@ -95,6 +103,48 @@ def _defined_names(tree: ast.Module) -> frozenset[str]:
             for block in ("body", "orelse", "finalbody"):
                 stack.extend(getattr(node, block, []))
     return frozenset(names)
+
+
+# --- archive module names ----------------------------------------------------------------
+
+#: Run by name at interpreter start when they are on `sys.path`; never an archive's module.
+_STARTUP_MODULES = frozenset({"sitecustomize", "usercustomize", "__main__"})
+
+
+@functools.lru_cache(maxsize=1)
+def _torchserve_script_modules() -> frozenset[str]:
+    """Modules beside TorchServe's worker script: `python .../ts/model_service_worker.py`
+    puts the `ts/` folder FIRST on `sys.path`, ahead of the model directory."""
+    spec = importlib.util.find_spec("ts")
+    locations = list(spec.submodule_search_locations or []) if spec else []
+    return frozenset(m.name for m in pkgutil.iter_modules(locations))
+
+
+@functools.lru_cache(maxsize=1)
+def _distribution_modules() -> frozenset[str]:
+    return frozenset(importlib.metadata.packages_distributions())
+
+
+@functools.lru_cache(maxsize=1024)
+def shadows_outside_module(top: str) -> bool:
+    """True when an archive module named `top` would take the name of a module outside it.
+
+    The worker imports by name from a `sys.path` that holds the model directory AND the
+    standard library, site-packages and TorchServe's own folder; whichever module Python
+    finds first (or imported before the handler) is the one that runs. The scan judges the
+    archive's `os.py` while the worker runs the real `os`, so such a name is refused.
+    """
+    if top in _STARTUP_MODULES or top in sys.stdlib_module_names:
+        return True
+    # Not `sys.modules`: what the scanning process happened to import is not the worker's.
+    if top in sys.builtin_module_names or top in allowed_module_names():
+        return True
+    if top in _torchserve_script_modules() or top in _distribution_modules():
+        return True
+    # Not the current directory: the scanned folder itself must not find its own files.
+    cwd = os.path.realpath(os.getcwd())
+    search = [p for p in sys.path if p and os.path.realpath(p) != cwd]
+    return importlib.machinery.PathFinder.find_spec(top, search) is not None
 
 
 # --- entry points ---------------------------------------------------------------------------

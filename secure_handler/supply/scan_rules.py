@@ -36,7 +36,6 @@ __all__ = [
     "evaluates_annotations",
     "is_dunder",
     "refused_value_attributes",
-    "shadows_outside_module",
     "torch_name_allowed",
 ]
 
@@ -205,49 +204,6 @@ def evaluates_annotations(qualified: str) -> bool:
         return False
     value = getattr(importlib.import_module(module), name, None)
     return isinstance(value, type) and issubclass(value, BaseModel)
-
-
-# --- archive module names --------------------------------------------------------------
-
-#: Run by name at interpreter start when they are on `sys.path`; never an archive's module.
-_STARTUP_MODULES = _names("sitecustomize usercustomize __main__ __init__")
-
-
-@functools.lru_cache(maxsize=1)
-def _torchserve_script_modules() -> frozenset[str]:
-    """Modules beside TorchServe's worker script: `python .../ts/model_service_worker.py`
-    puts the `ts/` folder FIRST on `sys.path`, ahead of the model directory."""
-    import importlib.util
-    import pkgutil
-
-    spec = importlib.util.find_spec("ts")
-    locations = list(spec.submodule_search_locations or []) if spec else []
-    return frozenset(m.name for m in pkgutil.iter_modules(locations))
-
-
-@functools.lru_cache(maxsize=1024)
-def shadows_outside_module(top: str) -> bool:
-    """True when an archive module named `top` would take the name of a module outside it.
-
-    The worker imports by name from a `sys.path` that holds the model directory AND the
-    standard library, site-packages and TorchServe's own folder; whichever module Python
-    finds first (or imported before the handler) is the one that runs. The scan judges the
-    archive's `os.py` while the worker runs the real `os`, so such a name is refused.
-    """
-    import importlib.machinery
-    import os
-    import sys
-
-    if top in _STARTUP_MODULES or top in sys.stdlib_module_names:
-        return True
-    if top in sys.builtin_module_names or top in sys.modules or top in MODULES:
-        return True
-    if top in _torchserve_script_modules():
-        return True
-    # Not the current directory: the scanned folder itself must not find its own files.
-    cwd = os.path.realpath(os.getcwd())
-    search = [p for p in sys.path if p and os.path.realpath(p) != cwd]
-    return importlib.machinery.PathFinder.find_spec(top, search) is not None
 
 
 # --- builtins ----------------------------------------------------------------------------

@@ -78,7 +78,7 @@ def test_refused_value_names_are_derived_from_the_types_a_handler_reaches() -> N
 
 
 def test_archive_module_names_are_judged_against_every_module_outside() -> None:
-    from secure_handler.supply.scan_rules import shadows_outside_module
+    from secure_handler.supply.scan import shadows_outside_module
 
     outside = ["os", "json", "torch", "numpy", "secure_handler", "ts", "sitecustomize",
                "model_server", "utils", "context", "PIL", "pydantic"]  # fmt: skip
