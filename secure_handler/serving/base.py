@@ -38,7 +38,7 @@ from secure_handler.errors import (
     SecureHandlerError,
 )
 from secure_handler.limits import BaseLimits, build_limits
-from secure_handler.serving import loading, pin
+from secure_handler.serving import loading, pin, protocol_batch
 from secure_handler.serving.metrics import StageTimer, count_rejection
 
 __all__ = ["SecureBaseHandler"]
@@ -182,6 +182,9 @@ class SecureBaseHandler(BaseHandler, ABC):  # type: ignore[misc]
     def handle(self, data: list[Mapping[str, Any]], context: Any) -> list[Any]:
         """One entry per request, always; see the module docstring."""
         self.context = context
+        protocol_rows = protocol_batch.plan(self, data)
+        if protocol_rows is not None:  # KServe v1 / OIP v2 bodies: one row per instance
+            return protocol_batch.handle(self, protocol_rows, context)
         timer = StageTimer(context)
         results: list[Any] = [None] * len(data)
         valid: dict[int, Any] = {}
