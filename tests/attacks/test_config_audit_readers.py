@@ -346,3 +346,29 @@ def test_environment_overrides_are_exactly_the_frontends_ts_fields(tmp_path: Pat
     assert len(fields) > 50
     assert fields == ENV_OVERRIDES
 
+
+
+@pytest.mark.skipif(not Path("/usr/bin/python3").exists(), reason="no system Python")
+def test_user_site_under_a_home_others_can_write_is_high(world: dict[str, Path],
+                                                         tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    # A system (non-venv) CPython runs the .pth files of $HOME/.local/.../site-packages.
+    version = subprocess.run(["/usr/bin/python3", "-c", "import sys; print('%d.%d' % "
+                              "sys.version_info[:2])"], capture_output=True, text=True,
+                             check=True, timeout=60).stdout.strip()
+    home = world["shared"]
+    site_packages = home / ".local" / "lib" / f"python{version}" / "site-packages"
+    site_packages.mkdir(parents=True, exist_ok=True)
+    marker = tmp_path / "ran"
+    (site_packages / "planted.pth").write_text(f"import os; open({str(marker)!r}, 'w')\n")
+    subprocess.run(["/usr/bin/python3", "-c", "pass"], env={"HOME": str(home)}, check=True,
+                   timeout=60)
+    assert marker.exists()
+    # Judged for the interpreter the launcher passes as --python; this venv has no user site.
+    monkeypatch.setattr("site.ENABLE_USER_SITE", True)
+    config = tmp_path / "c.properties"
+    config.write_text(hardened(world["s1"]))
+    command = f"torchserve --start --ncs --ts-config {config} --model-store {world['s1']}"
+    assert ("HOME", "high") in findings(config, cmdline=command, env={"HOME": str(home)})
+    for safe in ({"HOME": str(home), "PYTHONNOUSERSITE": "1"}, {"HOME": str(tmp_path)}):
+        assert findings(config, cmdline=command, env=safe) == [], safe

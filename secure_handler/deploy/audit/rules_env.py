@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import re
+import site
 import stat
 from collections.abc import Iterator
 from pathlib import Path
@@ -129,6 +130,23 @@ def others_write(path: Path, *, sticky_protects: bool) -> bool:
     return bool(open_bits) or info.st_uid not in (0, os.getuid())
 
 
+def user_site(ctx: AuditContext) -> Iterator[ConfigFinding]:
+    """CPython outside a virtual environment puts `$HOME/.local/lib/pythonX.Y/site-packages`
+    on every worker's path and runs the `.pth` files there at start-up (judged for the
+    interpreter running the audit, which is the one the launcher passes as `--python`)."""
+    home = ctx.environ.get("HOME")
+    if (not site.ENABLE_USER_SITE or not home or ctx.environ.get("PYTHONNOUSERSITE")
+            or "PYTHONUSERBASE" in ctx.environ):  # PYTHONUSERBASE is judged above
+        return
+    base = Path(home) / ".local"
+    if not home.startswith("/") or writable_chain(base):
+        yield ctx.finding("high", "HOME", f"{base} is relative, or other users can write it "
+                          "(or a folder above it): a `.pth` file they put in its site-packages "
+                          "runs in every worker at start-up.", "Set PYTHONNOUSERSITE=1, run "
+                          "TorchServe from a virtual environment, or give the server a private "
+                          "HOME.", cwe=["CWE-427", "CWE-732"], source="environment", value=home)
+
+
 def model_server_home(ctx: AuditContext) -> Iterator[ConfigFinding]:
     """`ConfigManager.getModelServerHome` reads TS_MODEL_SERVER_HOME before anything else."""
     value = ctx.environ.get("TS_MODEL_SERVER_HOME")
@@ -175,4 +193,4 @@ def unknown_environment(ctx: AuditContext) -> Iterator[ConfigFinding]:
                               value=value)
 
 
-RULES = (loader_environment, model_server_home, extraction_folder, unknown_environment)
+RULES = (loader_environment, user_site, model_server_home, extraction_folder, unknown_environment)
