@@ -111,7 +111,10 @@ def jpeg_noise(side: int = 4096, progressive: bool = False, subsampling: int = 2
 def jpeg_at_caps(fill: int = 1024, metadata: int = 64, markers: int = 256) -> bytes:
     """A valid JPEG with `fill` fill bytes, `metadata` APP segments and `markers` markers."""
     good = small_jpeg()
-    own = len(_segments(good))  # every marker after SOI, EOI included
+    # The walk counts markers after SOI up to the first scan (a baseline scan of every
+    # component is the whole image: nothing after it is walked).
+    own = [data_start for data_start, _ in _segments(good)].index(
+        next(s for s, _ in _segments(good) if good[s + 1] == 0xDA)) + 1
     apps = b"\xff\xe1\x00\x02" * (metadata - 1)
     standalone = b"\xff\xd0" * max(0, markers - own - metadata + 1)  # RSTn outside scans
     return good[:2] + b"\xff" * fill + apps + standalone + good[2:]

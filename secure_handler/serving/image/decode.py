@@ -32,7 +32,7 @@ from secure_handler.limits import ImageLimits
 from secure_handler.serving.image import exif
 from secure_handler.serving.image.header import Header, ImageSize, check_size, read_header
 
-__all__ = ["DECODE_ERRORS", "Opened", "decode", "open_image", "reason", "to_rgb"]
+__all__ = ["DECODE_ERRORS", "Opened", "decode", "flatten", "open_image", "reason", "to_rgb"]
 
 # Everything Pillow may raise on hostile bytes; mapped to InvalidImage at this one boundary.
 # `Warning` too: Pillow warns before failing on some files ("Invalid APNG"), and a worker run
@@ -109,7 +109,6 @@ def _check_frames(img: Image.Image, limits: ImageLimits) -> None:
 
 # --- the memory estimate --------------------------------------------------------------------
 
-_ALPHA_MODES = {"RGBA", "LA", "RGBa", "La"}
 _NARROW = {"1": 1, "L": 1, "P": 1, "I;16": 2, "I;16B": 2, "I;16L": 2, "I;16N": 2}
 
 
@@ -170,11 +169,15 @@ def decode(opened: Opened, need: ImageSize | None) -> Image.Image:
         if fmt == "JPEG" and stored is not None:
             img.draft("RGB", stored)
         img.load()
-        img = to_rgb(img)
+        img = flatten(img)  # grey stays 1 byte a pixel until it is reduced
+        # The caller's handle on the decoded image is the only other reference: dropping it
+        # frees a transparent image's RGBA buffer before anything else is allocated.
+        opened.image = img
         factor = _factor(img.size, stored)
         if factor > 1:  # box-average down to at most twice the need: less to copy and resize
             img = img.reduce(factor)
-        return exif.orient(img, opened.orientation)
+        img = exif.orient(img, opened.orientation)
+        return img if img.mode == "RGB" else img.convert("RGB")
     except DECODE_ERRORS as exc:
         raise InvalidImage(f"cannot decode the {fmt} image: {reason(exc)}") from exc
 
@@ -194,21 +197,32 @@ def _to_l(img: Image.Image) -> Image.Image:
     return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), mode="L")
 
 
-def to_rgb(img: Image.Image) -> Image.Image:
-    """Convert any decoded mode to RGB; transparent areas are composited onto white."""
+def flatten(img: Image.Image) -> Image.Image:
+    """Any decoded mode → "RGB", or "L" for grey ones; transparency composited onto white."""
     mode = img.mode
-    if mode == "RGB":
+    if mode in ("RGB", "L"):
         return img
     if mode.startswith("I;16") or mode in ("I", "F"):
-        return _to_l(img).convert("RGB")
+        return _to_l(img)
+    if mode == "1":
+        return img.convert("L")
+    if mode in ("LA", "La"):
+        # Grey over white in one L buffer (pasting into RGB made an RGBA copy first).
+        out = Image.new("L", img.size, 255)
+        out.paste(img.convert("L"), (0, 0), img.getchannel("A"))
+        return out
     if mode == "PA" or (mode == "P" and "transparency" in img.info):
         img, mode = img.convert("RGBA"), "RGBA"
-    elif mode == "La":
-        img, mode = img.convert("LA"), "LA"
-    if mode in _ALPHA_MODES:
+    if mode in ("RGBA", "RGBa"):
         # Pasting with the image's own alpha as the mask composites onto white in one
         # buffer (alpha_composite needed three more full-size RGBA copies).
         out = Image.new("RGB", img.size, (255, 255, 255))
         out.paste(img, (0, 0), img)
         return out
     return img.convert("RGB")
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Convert any decoded mode to RGB; transparent areas are composited onto white."""
+    flat = flatten(img)
+    return flat if flat.mode == "RGB" else flat.convert("RGB")

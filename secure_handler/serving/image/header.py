@@ -3,10 +3,12 @@
 Everything here runs before Pillow sees the bytes, so its cost is bounded by our caps, not by
 the file: Pillow's JPEG and PNG openers walk markers and chunks in Python (a file of fill
 bytes or empty segments costs it seconds), and libjpeg decodes every scan it is given. The
-JPEG walk finds markers with `re`/`bytes.find` (no Python loop per byte) and stops at a cap;
-the PNG walk visits at most `max_png_chunks` chunks. Over a cap: 422 `image_too_complex`.
-Structurally broken files (no frame header, a chunk past the end of the file): 422
-`invalid_image`. The EXIF blob is taken out here, bounded, for `exif.py` to read.
+JPEG walk finds markers with `re`/`bytes.find` (no Python loop per byte) and stops at a cap,
+or at a sequential scan of every component (libjpeg decodes no scan after it, so most photos
+are walked only up to their first scan); the PNG walk visits at most `max_png_chunks` chunks.
+Over a cap: 422 `image_too_complex`. Structurally broken files (no frame header, a chunk
+past the end of the file): 422 `invalid_image`. The EXIF blob is taken out here, bounded,
+for `exif.py` to read. Format sniffing and declared types live in formats.py.
 """
 
 from __future__ import annotations
@@ -23,47 +25,9 @@ from secure_handler.errors import (
 )
 from secure_handler.limits import ImageLimits
 
-__all__ = [
-    "Header",
-    "ImageSize",
-    "check_declared_type",
-    "check_format",
-    "check_size",
-    "read_header",
-    "sniff_format",
-]
+__all__ = ["Header", "ImageSize", "check_size", "read_header"]
 
 ImageSize = tuple[int, int]
-
-_MAGIC: tuple[tuple[bytes, str], ...] = (
-    (b"\x89PNG\r\n\x1a\n", "PNG"),
-    (b"\xff\xd8\xff", "JPEG"),
-    (b"GIF87a", "GIF"),
-    (b"GIF89a", "GIF"),
-    (b"BM", "BMP"),
-    (b"II*\x00", "TIFF"),
-    (b"MM\x00*", "TIFF"),
-    # Recognised only to name them in the refusal; never decoded.
-    (b"8BPS", "PSD"),
-    (b"%!PS", "EPS"),
-    (b"\xc5\xd0\xd3\xc6", "EPS"),
-    (b"\x00\x00\x01\x00", "ICO"),
-    (b"PK\x03\x04", "ZIP"),
-    (b"%PDF", "PDF"),
-    (b"<?xml", "SVG"),
-    (b"<svg", "SVG"),
-)
-
-# Content types that name an image format; a declared type outside the allowlist is a 415.
-_DECLARED = {
-    "image/png": "PNG", "image/apng": "PNG", "image/jpeg": "JPEG", "image/jpg": "JPEG",
-    "image/pjpeg": "JPEG", "image/gif": "GIF", "image/webp": "WEBP", "image/bmp": "BMP",
-    "image/x-ms-bmp": "BMP", "image/tiff": "TIFF", "image/x-icon": "ICO",
-    "image/vnd.microsoft.icon": "ICO", "image/vnd.adobe.photoshop": "PSD",
-    "application/postscript": "EPS", "image/svg+xml": "SVG", "image/heic": "HEIC",
-    "image/avif": "AVIF",
-}
-
 
 @dataclass(frozen=True, slots=True)
 class Header:
@@ -79,37 +43,6 @@ class Header:
     # PNG: bytes of the inflated sample stream the decoder must unfilter (width × height ×
     # channels × bytes per sample, plus a filter byte per row; 5/4 of that when interlaced).
     stream: int = 0
-
-
-def sniff_format(data: bytes | bytearray | memoryview) -> str | None:
-    """The format named by the magic bytes, or None."""
-    head = bytes(data[:16])
-    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
-        return "WEBP"
-    for magic, fmt in _MAGIC:
-        if head.startswith(magic):
-            return fmt
-    return None
-
-
-def check_declared_type(content_type: str, allowed: tuple[str, ...]) -> None:
-    """Refuse a declared image type outside the allowlist (415)."""
-    fmt = _DECLARED.get(content_type)
-    if content_type.startswith("image/") and fmt not in allowed:
-        raise UnsupportedMediaType(
-            f"content type {content_type!r} is not allowed; allowed formats: {', '.join(allowed)}"
-        )
-
-
-def check_format(data: bytes | bytearray, allowed: tuple[str, ...]) -> str:
-    """The allowed format named by the magic bytes, or UnsupportedMediaType."""
-    fmt = sniff_format(data)
-    if fmt is None or fmt not in allowed:
-        found = fmt or "unrecognised bytes"
-        raise UnsupportedMediaType(
-            f"image format {found} is not allowed; allowed formats: {', '.join(allowed)}"
-        )
-    return fmt
 
 
 def check_size(size: ImageSize, limits: ImageLimits) -> None:
@@ -206,6 +139,11 @@ class _JpegWalk:
                 break  # cut inside a segment: the decoder reports it as truncated
             self._segment(marker, body, pos)
             if marker == 0xDA:
+                if not self.progressive and data[body] == len(self.components):
+                    # A sequential scan of every component is the whole image: libjpeg
+                    # refuses any scan after it ("Didn't expect more than one scan"), so
+                    # its entropy data need not be walked (most photos end here).
+                    break
                 found = _SCAN_END.search(data, pos)
                 if found is None:
                     break

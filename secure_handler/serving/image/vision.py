@@ -16,7 +16,7 @@ from secure_handler.limits import ImageLimits
 from secure_handler.serving import envelope
 from secure_handler.serving.base import SecureBaseHandler
 from secure_handler.serving.image import decode as images
-from secure_handler.serving.image import header
+from secure_handler.serving.image import formats
 
 __all__ = ["OpenedImage", "SecureVisionHandler"]
 
@@ -40,14 +40,14 @@ class SecureVisionHandler(SecureBaseHandler):
         found = envelope.read(row, self.context.get_all_request_header(idx), json_limit,
                               "image/jpeg` or `application/octet-stream")
         if not found.is_json:
-            header.check_declared_type(found.content_type, limits.allowed_formats)
+            formats.check_declared_type(found.content_type, limits.allowed_formats)
         return envelope.binary_payload(found, limits.max_request_bytes, self.json_fields,
-                                       lambda value: header.sniff_format(value) is not None)
+                                       lambda value: formats.sniff_format(value) is not None)
 
     def open_image(self, data: bytes | bytearray) -> OpenedImage:
         """Magic bytes against the allowlist, then the structural and header checks."""
         limits: ImageLimits = self.limits
-        fmt = header.check_format(data, limits.allowed_formats)
+        fmt = formats.check_format(data, limits.allowed_formats)
         return images.open_image(data, fmt, limits)
 
     def pixels(self, opened: OpenedImage, need: tuple[int, int] | None) -> Image.Image:
