@@ -6,7 +6,8 @@ same traps:
 * Always `--ncs --ts-config FILE`: otherwise an old config snapshot silently wins.
 * Output goes to a file: the Java server inherits the pipe and a piped start hangs.
 * Each server gets its own working directory (`key_file.json` and `logs/` land there) and its
-  own `TMPDIR` (TorchServe keeps its pid file there), so several can run side by side.
+  own `TMPDIR`/`TEMP` (its pid file, unpacked archives, worker sockets), so several can run side
+  by side and no other user can plant files where it looks.
 * The `torchserve` next to the running interpreter is used, so workers import this package
   from the same environment.
 * The server runs in its own process group; `stop` signals the group (frontend and workers).
@@ -104,8 +105,10 @@ class TorchServe:
 
     def environment(self) -> dict[str, str]:
         """The environment torchserve gets: its own TMPDIR (pid file) and log folders."""
-        logs = str(self.workdir / "logs")
-        return {**os.environ, "TMPDIR": str(self.workdir / "tmp"), "LOG_LOCATION": logs,
+        logs, tmp = str(self.workdir / "logs"), str(self.workdir / "tmp")
+        # TEMP too: the frontend unpacks every archive under <TEMP or /tmp>/models and puts the
+        # worker sockets there, where another user of a shared /tmp could create them first.
+        return {**os.environ, "TMPDIR": tmp, "TEMP": tmp, "LOG_LOCATION": logs,
                 "METRICS_LOCATION": logs, **self.env}
 
     def prepare(self) -> dict[str, str]:
