@@ -24,22 +24,7 @@ _FORBIDDEN_BUILTINS = (
     - R.ATTRIBUTE_CALL_BUILTINS
     - R.ALLOWED_DUNDER_NAMES
 )
-FIX = {
-    "SH002": "save the file as UTF-8 and delete the coding declaration",
-    "SH003": "write it with plain statements, or move it into a reviewed package installed "
-    "in the image",
-    "SH110": "move this into a reviewed package installed in the image",
-    "SH111": "use a listed name, or move this into a reviewed package installed in the image",
-    "SH112": "import the names you use",
-    "SH113": "import the archive's modules by their absolute name",
-    "SH114": "use a module only as `module.name`, and give other values their own names",
-    "SH115": "rename the module (and its imports) to a name no installed module has",
-    "SH210": "do it in a reviewed package installed in the image",
-    "SH211": "use public names (attributes and methods without a leading underscore)",
-    "SH212": "do it outside the worker, or in a reviewed package installed in the image",
-    "SH213": "write the attribute name literally (`obj.name`)",
-    "SH214": "subclass an imported class or a class defined here, by its name",
-}
+FIX = R.FIX
 
 #: (rule, node, message): one thing the judge refused.
 Hit = tuple[str, ast.AST, str]
@@ -335,6 +320,9 @@ class _Judge:
             return
         module = self._module_of(value)
         root = self._import_root(value)
+        if module is None and attr in R.CALL_WITHOUT_UPDATE and not self._in_place(node):
+            self.hit("SH212", node, f"`.{attr}` only called in place, without `update=` or `**` "
+                     "(an update names any attribute, `__array_interface__` too)")  # fmt: skip
         if module is None and root is not None and _setter(node):
             self.hit("SH114", node, f"assigns to `.{attr}` of the imported {root.target}")
             return
@@ -356,6 +344,12 @@ class _Judge:
             self.hit("SH111", node, f"{full} is not on the allowlist of {module.target}")
         elif full in R.TYPE_ONLY and not self._type_position(node):
             self._type_only(node, full)
+
+    def _in_place(self, node: ast.expr) -> bool:
+        call = self.parents.get(id(node))
+        return isinstance(call, ast.Call) and call.func is node and not any(
+            k.arg is None or k.arg == "update" for k in call.keywords
+        )
 
     def _import_root(self, node: ast.expr) -> _Bound | None:
         """What an import bound the name at the root of `a.b[c](d).e`, if anything."""

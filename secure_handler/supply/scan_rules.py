@@ -29,6 +29,8 @@ __all__ = [
     "ALLOWED_NODES",
     "TYPE_ONLY",
     "ATTRIBUTE_CALL_BUILTINS",
+    "CALL_WITHOUT_UPDATE",
+    "FIX",
     "FRAME_PREFIXES",
     "MODULES",
     "ModuleSpec",
@@ -240,6 +242,25 @@ ALLOWED_DUNDER_DEFS: frozenset[str] = _names("""
 #: `f_builtins`/`f_globals` (every function of the process) without a dunder.
 FRAME_PREFIXES = ("f_", "gi_", "co_", "tb_", "cr_", "ag_")
 
+#: The fix each scan rule's findings print.
+FIX = {
+    "SH002": "save the file as UTF-8 and delete the coding declaration",
+    "SH003": "write it with plain statements, or move it into a reviewed package installed "
+    "in the image",
+    "SH110": "move this into a reviewed package installed in the image",
+    "SH111": "use a listed name, or move this into a reviewed package installed in the image",
+    "SH112": "import the names you use",
+    "SH113": "import the archive's modules by their absolute name",
+    "SH114": "use a module only as `module.name`, and give other values their own names",
+    "SH115": "rename the module (and its imports) to a name no installed module has",
+    "SH210": "do it in a reviewed package installed in the image",
+    "SH211": "use public names (attributes and methods without a leading underscore)",
+    "SH212": "do it outside the worker, or in a reviewed package installed in the image",
+    "SH213": "write the attribute name literally (`obj.name`)",
+    "SH214": "subclass an imported class or a class defined here, by its name",
+}
+
+
 # --- syntax ------------------------------------------------------------------------------
 
 #: AST node types the scanner understands. Not listed, so refused: async/await, `match`
@@ -302,6 +323,12 @@ _PYDANTIC_DATA = _names("""
     model_json_schema model_parametrized_name model_validate model_validate_json
     model_validate_strings parse_obj schema schema_json validate
 """)
+#: Methods allowed only when called right where they are named, without `update=` or `**`:
+#: pydantic's `copy(update=...)`/`model_copy(update=...)` write ANY key into the copy's
+#: `__dict__`, and numpy reads `__array_interface__` from an instance's own attributes, so an
+#: update naming it (`"typestr": "|O"`, `"data": (address, False)`) reads or writes any memory.
+#: `dict.copy()`, `ndarray.copy()` and the like are unaffected.
+CALL_WITHOUT_UPDATE: frozenset[str] = frozenset({"copy", "model_copy"})
 #: Public names of TorchScript modules, methods and functions that are plain data.
 _SCRIPT_DATA = _names("code name schema qualified_name original_name")
 

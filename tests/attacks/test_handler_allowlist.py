@@ -59,6 +59,24 @@ PAYLOAD = b"cposix\\nsystem\\n(Vtouch {marker}\\ntR."
 ImageLimits.parse_raw(PAYLOAD, proto="pickle", allow_pickle=True)
 """
 
+MODEL_COPY_HANDLER = """\
+import numpy as np
+from secure_handler import ImageLimits
+
+
+class Box:
+    __slots__ = ("item",)
+
+
+box = Box()
+box.item = divmod
+address = int(repr(box).rsplit(" ", 1)[1].rstrip(">"), 16)
+layout = {{"shape": (3,), "typestr": "<u8", "data": (address, False), "version": 3}}
+words = np.asarray(ImageLimits().model_copy(update={{"__array_interface__": layout}}))
+words[2] = words[2] + {offset}
+box.item("open({marker!r}, 'w').write('x')")
+"""
+
 CASES: dict[str, tuple[str | bytes, set[tuple[str, int]]]] = {
     # SH001: the scan cannot parse it, so it cannot vouch for it
     "unparseable": ("def broken(:\n", {("SH001", 1)}),
@@ -232,6 +250,16 @@ CASES: dict[str, tuple[str | bytes, set[tuple[str, int]]]] = {
                                        {("SH212", 3)}),
     "pydantic-model-rebuild": ("from secure_handler import ImageLimits\n"
                                "ImageLimits.model_rebuild(force=True)\n", {("SH212", 2)}),
+    # a copy whose update names `__array_interface__`: numpy then reads and writes any memory
+    "model-copy-update": (MODEL_COPY_HANDLER.format(offset=80, marker="m"), {("SH212", 13)}),
+    "v1-copy-update": ("class H:\n    def f(self):\n        return self.limits.copy("
+                       "update={'__array_interface__': {}})\n", {("SH212", 3)}),
+    "model-copy-splat": ("class H:\n    def f(self, kw):\n        return "
+                         "self.limits.model_copy(**kw)\n", {("SH212", 3)}),
+    "model-copy-getattr": ("class H:\n    def f(self):\n        return getattr(self.limits, "
+                           "'model_copy')(update={})\n", {("SH212", 3)}),
+    "copy-method-alias": ("class H:\n    def f(self):\n        c = self.limits.copy\n",
+                          {("SH212", 3)}),
     # an exception that carries the object a library lookup failed on (a module, say)
     "attribute-error-object": ("try:\n    pass\nexcept AttributeError as e:\n    m = e.obj\n",
                                {("SH212", 4)}),
@@ -326,6 +354,28 @@ def test_parse_raw_case_really_unpickles_and_runs_a_process(tmp_path: Path) -> N
                    cwd=tmp_path, check=False, timeout=120, capture_output=True)  # fmt: skip
     assert marker.exists()
     assert refused(source) == {("SH212", 4)}
+
+
+def test_model_copy_case_really_rewrites_memory_and_runs_eval(tmp_path: Path) -> None:
+    """`model_copy(update=...)` puts `__array_interface__` on the copy; numpy then maps any
+    address as a writable array, so a slot holding `divmod` is rewritten to hold `eval`."""
+    marker = tmp_path / "ran"
+    offset = subprocess.run(
+        [sys.executable, "-c", "print(id(eval) - id(divmod))"],
+        check=True, capture_output=True, text=True, timeout=60,
+    ).stdout.strip()  # fmt: skip
+    source = MODEL_COPY_HANDLER.format(offset=offset, marker=str(marker))
+    (tmp_path / "model_copy_handler.py").write_text(source)
+    subprocess.run([sys.executable, "-W", "ignore", "-c", "import model_copy_handler"],
+                   cwd=tmp_path, check=True, timeout=120, capture_output=True)  # fmt: skip
+    assert marker.exists()
+    assert refused(source) == {("SH212", 13)}
+
+
+def test_plain_copies_stay_allowed() -> None:
+    source = ("import copy\n\n\ndef f(arr, d, limits):\n"
+              "    return arr.copy(), d.copy(), copy.copy(d), limits.model_copy(deep=True)\n")
+    assert refused(source) == set()
 
 
 GRAPH_EDIT = """\
