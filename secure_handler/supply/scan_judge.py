@@ -200,6 +200,15 @@ class _Judge:
             self.hit("SH114", node, f"module {bound.target} is used as a value")
         elif bound.target in R.TYPE_ONLY and not self._type_position(node):
             self._type_only(node, bound.target)
+        elif bound.target in R.CALL_ARITY:
+            self._arity(node, bound.target)
+
+    def _arity(self, node: ast.expr, full: str) -> None:
+        call, most = self.parents.get(id(node)), R.CALL_ARITY[full]
+        if not (isinstance(call, ast.Call) and call.func is node and len(call.args) <= most
+                and not call.keywords and not any(isinstance(a, ast.Starred) for a in call.args)):
+            self.hit("SH111", node, f"{full} only called in place with {most} argument(s): "
+                     "other arguments name the attributes it copies")  # fmt: skip
 
     def _type_only(self, node: ast.expr, full: str) -> None:
         self.hit("SH111", node, f"{full} may be named only as a type (a function annotation, "
@@ -344,6 +353,8 @@ class _Judge:
             self.hit("SH111", node, f"{full} is not on the allowlist of {module.target}")
         elif full in R.TYPE_ONLY and not self._type_position(node):
             self._type_only(node, full)
+        elif full in R.CALL_ARITY:
+            self._arity(node, full)
 
     def _in_place(self, node: ast.expr) -> bool:
         call = self.parents.get(id(node))
@@ -370,25 +381,19 @@ class _Judge:
 
 
 def _is_super_call(node: ast.expr) -> bool:
-    return isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and (
-        node.func.id == "super"
-    )
+    return isinstance(node, ast.Call) and getattr(node.func, "id", "") == "super"
 
 
 def _setter(node: ast.expr) -> bool:
     """`torch.x = ...`, `del torch.x`, `setattr(torch, "x", ...)`, `delattr(torch, "x")`."""
     if isinstance(node, ast.Attribute):
         return isinstance(node.ctx, (ast.Store, ast.Del))
-    return isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and (
-        node.func.id in ("setattr", "delattr")
-    )
+    return isinstance(node, ast.Call) and getattr(node.func, "id", "") in ("setattr", "delattr")
 
 
-def judge_module(
-    tree: ast.Module, member: str, context: ScanContext
-) -> tuple[list[Hit], dict[int, ast.AST]]:
-    """Everything in `tree` (the archive member `member`) that the allowlist refuses, and
-    each node's parent (by id) so callers can find the statement around a node."""
+def judge_module(tree: ast.Module, member: str, context: ScanContext
+                 ) -> tuple[list[Hit], dict[int, ast.AST]]:  # fmt: skip
+    """What the allowlist refuses in `tree` (member `member`), and each node's parent (by id)."""
     judge = _Judge(tree, member, context)
     judge.run()
     return judge.hits, judge.parents

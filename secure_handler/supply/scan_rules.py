@@ -29,6 +29,7 @@ __all__ = [
     "ALLOWED_NODES",
     "TYPE_ONLY",
     "ATTRIBUTE_CALL_BUILTINS",
+    "CALL_ARITY",
     "CALL_WITHOUT_UPDATE",
     "FIX",
     "FRAME_PREFIXES",
@@ -329,6 +330,10 @@ _PYDANTIC_DATA = _names("""
 #: update naming it (`"typestr": "|O"`, `"data": (address, False)`) reads or writes any memory.
 #: `dict.copy()`, `ndarray.copy()` and the like are unaffected.
 CALL_WITHOUT_UPDATE: frozenset[str] = frozenset({"copy", "model_copy"})
+#: Functions allowed only when called in place with at most this many positional arguments:
+#: `functools.wraps(src, assigned=names)` copies attributes the CALLER names, so
+#: `("__array_interface__",)` from a temporary array leaves a view of freed memory.
+CALL_ARITY: dict[str, int] = {"functools.wraps": 1}
 #: Public names of TorchScript modules, methods and functions that are plain data.
 _SCRIPT_DATA = _names("code name schema qualified_name original_name")
 

@@ -260,6 +260,13 @@ CASES: dict[str, tuple[str | bytes, set[tuple[str, int]]]] = {
                            "'model_copy')(update={})\n", {("SH212", 3)}),
     "copy-method-alias": ("class H:\n    def f(self):\n        c = self.limits.copy\n",
                           {("SH212", 3)}),
+    # functools.wraps copying attributes the caller names (`__array_interface__` of a
+    # temporary array: a view of freed memory)
+    "wraps-assigned": ("import functools\n\n\ndef f(a, g):\n    functools.wraps(a, "
+                       "assigned=('__array_interface__',), updated=())(g)\n", {("SH111", 5)}),
+    "wraps-positional-names": ("from functools import wraps\n\n\ndef f(a, g):\n"
+                               "    wraps(a, ('x',))(g)\n", {("SH111", 5)}),
+    "wraps-as-value": ("import functools\nw = functools.wraps\n", {("SH111", 2)}),
     # an exception that carries the object a library lookup failed on (a module, say)
     "attribute-error-object": ("try:\n    pass\nexcept AttributeError as e:\n    m = e.obj\n",
                                {("SH212", 4)}),
@@ -372,8 +379,28 @@ def test_model_copy_case_really_rewrites_memory_and_runs_eval(tmp_path: Path) ->
     assert refused(source) == {("SH212", 13)}
 
 
+def test_wraps_case_really_leaves_a_view_of_freed_memory() -> None:
+    """The wraps family is real: numpy honours the copied interface after the array is gone."""
+    import functools
+
+    import numpy as np
+
+    def holder() -> None:
+        return None
+
+    def copy_interface() -> None:
+        functools.wraps(np.arange(8, dtype=np.uint8), assigned=("__array_interface__",),
+                        updated=())(holder)  # fmt: skip
+
+    copy_interface()
+    view = np.asarray(holder)  # type: ignore[call-overload]
+    assert (view.dtype, view.shape) == (np.uint8, (8,))  # memory no array owns any more
+    assert refused("import functools\nfunctools.wraps(a, ('x',))(g)\n") == {("SH111", 2)}
+
+
 def test_plain_copies_stay_allowed() -> None:
-    source = ("import copy\n\n\ndef f(arr, d, limits):\n"
+    source = ("import copy\nimport functools\n\n\ndef f(arr, d, limits, g):\n"
+              "    functools.wraps(g)(f)\n"
               "    return arr.copy(), d.copy(), copy.copy(d), limits.model_copy(deep=True)\n")
     assert refused(source) == set()
 
