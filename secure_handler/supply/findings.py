@@ -40,7 +40,6 @@ _RULE_ROWS = [
     ("SH112", "star-import", "CWE-749", "`from m import *` brings in unknown names"),
     ("SH113", "relative-import-outside", "CWE-829", "a relative import outside the archive"),
     ("SH114", "module-as-value", "CWE-749", "a module used other than as `module.name`"),
-    ("SH115", "module-shadows", "CWE-427", "an archive module named like one outside it"),
     ("SH210", "builtin-not-allowed", "CWE-95", "eval, exec, open, __import__, type, vars..."),
     ("SH211", "private-attribute", "CWE-470", "_private, __special__, frame/code internals"),
     ("SH212", "unsafe-attribute", "CWE-749", "a method that writes files or loads code"),

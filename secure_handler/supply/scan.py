@@ -9,7 +9,7 @@ be complete, so this scan judges each file by what it may do (`supply/scan_rules
 * it imports only listed modules (SH110) and only listed names from them (SH111), no `*`
   (SH112), no relative import outside the archive (SH113); a module is used only as
   `module.name` and an imported name is never rebound (SH114); no archive module takes the
-  name of a module outside the archive, which is the one the worker would run (SH115);
+  name of a module outside the archive, which is the one the worker would run (SH412);
 * it names only listed builtins (SH210): a forbidden builtin may not be referenced at all, so
   `x = eval`, `[eval][0]`, `map(eval, ...)` and `def f(e=eval)` are refused alike;
 * no private, special or frame attribute (SH211), no attribute that writes files or reaches
@@ -227,15 +227,17 @@ def scan_tree(files: Mapping[str, bytes], prefix: str = "", policy: Policy | Non
 
 
 def _shadowing(files: Iterable[str], prefix: str) -> list[Finding]:
-    """SH115 for each archive module or package whose top-level name a module outside the
-    archive has: the worker would run that one (already imported, or found first on
-    `sys.path`) while the scan judged the archive's, so `import os` could mean either."""
+    """SH412 (verify's rule for members that shadow modules) for each archive module or
+    package whose top-level name a module outside the archive has: the worker would run that
+    one (already imported, or found first on `sys.path`) while the scan judged the archive's,
+    so `import os` could mean either. Here so that `scan` on a folder says it too."""
     first: dict[str, str] = {}
     for member in sorted(files):
         first.setdefault(module_name(member).split(".")[0], member)
     return [
-        finding("SH115", f"{prefix}{member}:1", f"the archive's module `{top}` takes the name "
-                f"of a module outside the archive; fix: {FIX['SH115']}")  # fmt: skip
+        finding("SH412", f"{prefix}{member}", f"the archive's module `{top}` takes the name of "
+                "a module outside the archive, which is the one the worker runs; fix: rename "
+                "it (and its imports) to a name no installed module has")  # fmt: skip
         for top, member in sorted(first.items())
         if shadows_outside_module(top)
     ]

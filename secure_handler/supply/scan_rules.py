@@ -253,7 +253,6 @@ FIX = {
     "SH112": "import the names you use",
     "SH113": "import the archive's modules by their absolute name",
     "SH114": "use a module only as `module.name`, and give other values their own names",
-    "SH115": "rename the module (and its imports) to a name no installed module has",
     "SH210": "do it in a reviewed package installed in the image",
     "SH211": "use public names (attributes and methods without a leading underscore)",
     "SH212": "do it outside the worker, or in a reviewed package installed in the image",

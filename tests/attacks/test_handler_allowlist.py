@@ -299,7 +299,7 @@ def test_hostile_handler_code_is_refused(case: str) -> None:
 
 def test_every_scan_rule_has_a_case() -> None:
     scan_rules = {r for r in RULES if r.startswith(("SH00", "SH11", "SH21"))}
-    assert len(scan_rules) == 14  # SH001-003, SH110-115, SH210-214; SH10x/SH20x: the lint
+    assert len(scan_rules) == 13  # SH001-003, SH110-114, SH210-214; SH10x/SH20x: the lint
     covered = {rule for _, expected in CASES.values() for rule, _ in expected}
     covered |= {rule for _, expected in SHADOWS.values() for rule, _ in expected}
     assert scan_rules <= covered, sorted(scan_rules - covered)
@@ -435,27 +435,27 @@ def test_graph_edit_case_really_makes_forward_write_a_file(tmp_path: Path) -> No
     assert refused(GRAPH_EDIT) == {("SH212", 2)}
 
 
-# --- archive modules named like modules outside the archive (SH115) -------------------------
+# --- archive modules named like modules outside the archive (SH412) -------------------------
 
 #: The worker runs the module Python already imported or finds first on `sys.path` (the
 #: standard library, site-packages and TorchServe's own folder are all there), while the scan
 #: judged the archive's own file of that name.
 SHADOWS: dict[str, tuple[dict[str, bytes], set[tuple[str, str]]]] = {
     "stdlib-os": ({"os.py": b"def system(command):\n    return 0\n",
-                   "handler.py": b"import os\nos.system('id')\n"}, {("SH115", "os.py:1")}),
+                   "handler.py": b"import os\nos.system('id')\n"}, {("SH412", "os.py")}),
     "torch": ({"torch.py": b"def save(obj, path):\n    return None\n",
                "handler.py": b"import torch\ntorch.save(1, '/tmp/x')\n"},
-              {("SH115", "torch.py:1")}),
+              {("SH412", "torch.py")}),
     "library-package": ({"secure_handler/__init__.py": b"x = 1\n",
                          "handler.py": b"import secure_handler\n"},
-                        {("SH115", "secure_handler/__init__.py:1")}),
+                        {("SH412", "secure_handler/__init__.py")}),
     "namespace-package": ({"subprocess/run.py": b"x = 1\n", "handler.py": b"x = 1\n"},
-                          {("SH115", "subprocess/run.py:1")}),
+                          {("SH412", "subprocess/run.py")}),
     "torchserve-folder": ({"model_server.py": b"def start():\n    return None\n",
                            "handler.py": b"import model_server\nmodel_server.start()\n"},
-                          {("SH115", "model_server.py:1")}),
+                          {("SH412", "model_server.py")}),
     "startup-hook": ({"sitecustomize.py": b"x = 1\n", "handler.py": b"x = 1\n"},
-                     {("SH115", "sitecustomize.py:1")}),
+                     {("SH412", "sitecustomize.py")}),
 }  # fmt: skip
 
 
@@ -477,7 +477,7 @@ def test_shadow_case_really_runs_the_real_module(tmp_path: Path) -> None:
     subprocess.run([sys.executable, "-c", "import shadow_handler"], cwd=tmp_path, env=env,
                    check=True, timeout=60, capture_output=True)  # fmt: skip
     assert marker.exists()
-    assert {(f.rule, f.location) for f in scan_tree(files).findings} == {("SH115", "os.py:1")}
+    assert {(f.rule, f.location) for f in scan_tree(files).findings} == {("SH412", "os.py")}
 
 
 # --- no false refusals ------------------------------------------------------------------------
@@ -813,7 +813,7 @@ def test_verify_refuses_an_archive_module_that_shadows_os(
         out.writestr("os.py", b"def system(command):\n    return 0\n")
     code, report = run_json(["verify", "--json", str(mar)], capsys)
     assert code == 1
-    assert ("SH115", "h.mar!os.py:1") in blocking_rules(report)
+    assert ("SH412", "h.mar!os.py") in blocking_rules(report)
 
 
 def test_archive_refuses_a_text_extra_file_with_a_zip_appended(
