@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from secure_handler.deploy import config_cmd, serve
+from secure_handler.deploy import config_cmd, profiles, serve
 from secure_handler.deploy.audit import (
     ConfigFinding,
     audit_file,
@@ -56,6 +57,8 @@ def _register_audit(sub: argparse._SubParsersAction[Any]) -> None:
     p.add_argument("--gateway-config", type=Path, metavar="GATEWAY_YAML",
                    help="the secure-handler gateway in front of this server; only then may "
                    "enable_model_api=true pass (management on loopback, same port and store)")
+    p.add_argument("--profile", choices=profiles.PROFILES, default="local",
+                   help="kserve: also the kserve profile's rules (deploy/ pod layout)")
     out = p.add_mutually_exclusive_group()
     out.add_argument("--json", action="store_true")
     out.add_argument("--markdown", action="store_true", help="print a Markdown table")
@@ -73,6 +76,10 @@ def cmd_audit(args: argparse.Namespace) -> int:
         limits=limits, model_limits=store_limits(store), model_store=store,
         gateway_config=args.gateway_config,
     )
+    if args.profile == "kserve":  # the pod's command unless one is given
+        command = shlex.split(args.cmdline) if args.cmdline else None
+        findings += profiles.kserve_file_findings(
+            args.config, command or profiles.kserve_command(args.config))
     _report(findings, args)
     return EXIT_FINDINGS if blocking(findings) else EXIT_OK
 

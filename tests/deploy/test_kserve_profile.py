@@ -84,3 +84,24 @@ def test_config_command_writes_the_kserve_profile(tmp_path, capsys) -> None:
     report = json.loads(capsys.readouterr().out)
     assert report["command"] == kserve_command()
     assert report["findings"] == []
+
+
+def test_audit_config_applies_the_kserve_rules(tmp_path, capsys) -> None:
+    from secure_handler.cli import main
+    from secure_handler.deploy.tsconfig import store_allowed_urls
+
+    # A config fine for the general audit, but not the pod's: the store is not where KServe
+    # mounts the storageUri.
+    props = kserve_properties(MODELS)
+    props["model_store"] = "/srv/models"
+    props["allowed_urls"] = store_allowed_urls("/srv/models")
+    path = tmp_path / "config.properties"
+    path.write_text(render_properties(props), "ascii")
+    assert main(["audit-config", str(path), "--no-env", "--json"]) == 0
+    general = json.loads(capsys.readouterr().out)
+    assert [f for f in general["findings"] if f["severity"] != "low"] == []
+    code = main(["audit-config", str(path), "--no-env", "--json", "--profile", "kserve"])
+    report = json.loads(capsys.readouterr().out)
+    assert code != 0
+    keys = {(f["key"], f["severity"]) for f in report["findings"]}
+    assert {("model_store", "medium"), ("allowed_urls", "high")} <= keys
