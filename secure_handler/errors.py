@@ -87,32 +87,27 @@ def error_body(code: str, message: str) -> dict[str, Any]:
 
 class RequestError(SecureHandlerError):
     """A single request is refused; its neighbours in the batch are still served."""
-
     status = 400
     code = "bad_request"
 
 
 class MalformedRequest(RequestError):
     """The envelope is wrong: JSON of the wrong shape, a missing or ambiguous field."""
-
     code = "malformed_request"
 
 
 class EmptyBody(RequestError):
     """The request carried no payload."""
-
     code = "empty_body"
 
 
 class FormEncodedBody(MalformedRequest):
     """The body arrived as form fields (curl's default urlencoded type): nothing to read."""
-
     code = "form_encoded_body"
 
 
 class Unauthorized(RequestError):
     """No credential, or one that matches nothing (TorchServe: InvalidKeyException)."""
-
     status = 401
     code = "unauthorized"
 
@@ -123,54 +118,46 @@ class Unauthorized(RequestError):
 
 class Forbidden(RequestError):
     """A valid key without the scope, model or version; or a refused operation."""
-
     status = 403
     code = "forbidden"
 
 
 class ForbiddenModelSource(Forbidden):
     """A register call named an archive other than `<model_name>.mar` in the store."""
-
     code = "forbidden_model_source"
 
 
 class NotFound(RequestError):
     """No such route."""
-
     status = 404
     code = "not_found"
 
 
 class ModelNotFound(NotFound):
     """No such model, version or archive is registered."""
-
     code = "model_not_found"
 
 
 class MethodNotAllowed(RequestError):
     """The route exists, the method or operation is not offered."""
-
     status = 405
     code = "method_not_allowed"
 
 
 class RequestTimeout(RequestError):
     """The client sent its headers or body too slowly (a server answers 408 and closes)."""
-
     status = 408
     code = "request_timeout"
 
 
 class PayloadTooLarge(RequestError):
     """The payload (or what its base64 decodes to) is over `max_request_bytes`."""
-
     status = 413
     code = "payload_too_large"
 
 
 class TooManyInstances(PayloadTooLarge):
     """A KServe v1 / OIP v2 request with more instances than `max_instances_per_request`."""
-
     code = "too_many_instances"
 
 
@@ -182,33 +169,28 @@ class HeaderFieldsTooLarge(RequestError):
 
 class UnsupportedMediaType(RequestError):
     """The magic bytes or declared type name a format that is not allowed."""
-
     status = 415
     code = "unsupported_media_type"
 
 
 class InvalidContent(RequestError):
     """A well-formed request whose content is invalid."""
-
     status = 422
     code = "invalid_content"
 
 
 class InvalidBase64(InvalidContent):
     """Base64 with characters outside the alphabet or bad padding."""
-
     code = "invalid_base64"
 
 
 class InvalidImage(InvalidContent):
     """The image is truncated, corrupt or cannot be decoded."""
-
     code = "invalid_image"
 
 
 class ImageTooLarge(InvalidContent):
     """Width, height, pixel count or aspect ratio is over the limit (read from the header)."""
-
     code = "image_too_large"
 
 
@@ -221,31 +203,26 @@ class ImageTooComplex(InvalidContent):
 
 class AnimatedImage(InvalidContent):
     """The image has more frames than allowed."""
-
     code = "animated_image"
 
 
 class InvalidText(InvalidContent):
     """Text that is not strict UTF-8 or holds forbidden control characters."""
-
     code = "invalid_text"
 
 
 class TextTooLong(InvalidContent):
     """Text over `max_text_chars`."""
-
     code = "text_too_long"
 
 
 class TooManyTokens(InvalidContent):
     """Text over `max_tokens` while `truncate` is off."""
-
     code = "too_many_tokens"
 
 
 class RateLimited(RequestError):
     """The key's (or the address's) bucket is empty; `Retry-After` says when to come back."""
-
     status = 429
     code = "rate_limited"
     retryable = True
@@ -253,7 +230,6 @@ class RateLimited(RequestError):
 
 class BatchLimitExceeded(RequestError):
     """More rows arrived than `max_batch_size`; the surplus rows are refused, retryable."""
-
     status = 503
     code = "batch_limit_exceeded"
     retryable = True
@@ -264,7 +240,6 @@ class BatchLimitExceeded(RequestError):
 
 class BatchError(SecureHandlerError):
     """Inference failed for the valid rows of a batch; the worker stays alive."""
-
     status = 500
     code = "inference_failed"
 
@@ -275,7 +250,6 @@ class InferenceFailed(BatchError):
 
 class OutOfMemory(BatchError):
     """The model ran out of host or device memory on this batch."""
-
     status = 507
     code = "out_of_memory"
 
@@ -285,7 +259,6 @@ class OutOfMemory(BatchError):
 
 class UnavailableError(SecureHandlerError):
     """Nothing ran; the same request may succeed later."""
-
     status = 503
     code = "service_unavailable"
     retryable = True
@@ -297,13 +270,11 @@ class ServiceUnavailable(UnavailableError):
 
 class ConnectionFailed(UnavailableError):
     """No connection could be made, after every retry."""
-
     code = "connection_failed"
 
 
 class RateLimiterUnavailable(UnavailableError):
     """The gateway's shared rate limiter (Redis) cannot be reached; it fails closed."""
-
     code = "rate_limiter_unavailable"
 
 
@@ -312,7 +283,6 @@ class RateLimiterUnavailable(UnavailableError):
 
 class UpstreamError(SecureHandlerError):
     """The gateway could not get an answer from TorchServe."""
-
     status = 502
     code = "upstream_unavailable"
 
@@ -323,14 +293,12 @@ class UpstreamUnavailable(UpstreamError):
 
 class RequestTimedOut(SecureHandlerError):
     """No answer within the read timeout (never retried: the request may have run)."""
-
     status = 504
     code = "response_timeout"
 
 
 class UpstreamTimeout(RequestTimedOut, UpstreamError):
     """The gateway's call to TorchServe timed out."""
-
     status = 504
     code = "upstream_timeout"
 
@@ -340,26 +308,22 @@ class UpstreamTimeout(RequestTimedOut, UpstreamError):
 
 class ClientError(SecureHandlerError):
     """The client could not interpret or accept what came back."""
-
     status = 502
     code = "client_error"
 
 
 class ResponseTooLarge(ClientError):
     """The response body is over the client's `max_response_bytes`; it was not read."""
-
     code = "response_too_large"
 
 
 class ConnectionLost(ClientError):
     """The connection broke after the request was sent (never retried: it may have run)."""
-
     code = "connection_lost"
 
 
 class UnexpectedResponse(ClientError):
     """A response the client cannot interpret (not JSON, or an unknown error shape)."""
-
     code = "unexpected_response"
 
 
@@ -368,19 +332,16 @@ class UnexpectedResponse(ClientError):
 
 class ConfigurationError(SecureHandlerError):
     """`initialize` refuses to load the model; the message names the problem and the fix."""
-
     code = "configuration_error"
 
 
 class UnsafeModelError(ConfigurationError):
     """The archive would unpickle or run code we do not allow (eager model, torch.save file)."""
-
     code = "unsafe_model"
 
 
 class IntegrityError(ConfigurationError):
     """A digest, manifest entry or external pin does not match the file."""
-
     code = "integrity_error"
 
 
