@@ -25,7 +25,11 @@ How the list is built
 3. no argument or result has an excluded type (`_EXCLUDED_TYPES`): `Storage` (rebinds raw
    memory), `RRef` (remote references: network), `Capsule`, or a custom class other than
    `ALLOWED_CUSTOM_CLASSES` (those need a native library's registration); nor a `bool unsafe`
-   switch (`_index_put_impl_`, `segment_reduce` skip index checks with it).
+   switch (`_index_put_impl_`, `segment_reduce` skip index checks with it);
+4. an operator that takes explicit `size` and `stride` lists is allowed only when torch checks
+   the result against its storage or allocates one to fit (`_CHECKED_STRIDED`): `as_strided`
+   raises past the storage, but `_reshape_alias` views any extent of a small buffer (a model
+   returned 4096 floats of the worker's heap, addresses included, from a 4-element input).
 
 In-place operators (`add_`, `(a!)` aliasing) are allowed: they change tensors the program
 already holds, nothing outside it. `aten::warn` is allowed (nn.TransformerEncoder calls it): it
@@ -131,6 +135,15 @@ _EXCLUDED_TYPES = (
     (re.compile(r"\bRRef\b"), _NETWORK),
     (re.compile(r"\bCapsule\b"), "opaque native object (Capsule)"),
 )
+#: Operators taking `size` and `stride` whose result torch bounds-checks (or allocates to fit).
+_CHECKED_STRIDED = frozenset({
+    "as_strided", "as_strided_", "as_strided_copy", "as_strided_scatter", "empty_strided",
+    "new_empty_strided", "set_", "_assert_tensor_metadata",
+})  # fmt: skip
+_SIZE_LIST = re.compile(r"\b(?:Sym)?[Ii]nt\[\] size\b")
+_STRIDE_LIST = re.compile(r"\b(?:Sym)?[Ii]nt\[\] stride\b")
+_UNCHECKED_VIEW = ("memory safety: views memory at the sizes and strides it is given without "
+                   "checking them against the storage")
 _CUSTOM_CLASS = re.compile(r"__torch__\.torch\.classes\.([A-Za-z0-9_]+\.[A-Za-z0-9_]+)")
 
 _OTHER_NAMESPACES: dict[str, str] = {
@@ -164,6 +177,10 @@ def _excluded_by_type(schema_text: str) -> str | None:
     for pattern, reason in _EXCLUDED_TYPES:
         if pattern.search(schema_text):
             return reason
+    base = schema_text.split("(", 1)[0].split("::", 1)[-1].split(".", 1)[0]
+    if (_SIZE_LIST.search(schema_text) and _STRIDE_LIST.search(schema_text)
+            and base not in _CHECKED_STRIDED):
+        return _UNCHECKED_VIEW
     for match in _CUSTOM_CLASS.finditer(schema_text):
         if match.group(1) not in ALLOWED_CUSTOM_CLASSES:
             return f"custom class torch.classes.{match.group(1)} needs a native library"

@@ -13,7 +13,9 @@ shared=True)` + `copy_`, `torch.save`) or read host files while loading or servi
 * every pickle (`data.pkl`, `constants.pkl`, `traced_inputs.pkl`, `*.debug_pkl`) is walked
   opcode by opcode with `pickletools` (never unpickled): opcodes from a fixed set, and globals
   only the tensor/storage rebuilders and list builders `torch.jit.save` writes, plus classes the
-  program's own code defines and the allowed `torch.classes` (`_pickle_global_problem`).
+  program's own code defines and the allowed `torch.classes`; then replayed with inert
+  stand-ins so every storage reference matches its record and every tensor view lies inside
+  its storage (`secure_handler.serving.tspickle`).
 
 Cost is bounded (`InspectLimits`): members, bytes of code, bytes of pickle, AST nodes, findings.
 `inspect_torchscript` returns every `ScriptIssue`; `check_torchscript_program` raises
@@ -26,18 +28,15 @@ import ast
 import contextlib
 import io
 import os
-import pickletools
 import re
 import tokenize
 import zipfile
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import IO
 
 from secure_handler.errors import UnsafeModelError
-from secure_handler.serving import tscode
-from secure_handler.serving.opsallow import ALLOWED_CUSTOM_CLASSES
+from secure_handler.serving import tscode, tspickle
 
 __all__ = ["InspectLimits", "ScriptIssue", "check_torchscript_program", "inspect_torchscript"]
 
@@ -70,25 +69,7 @@ _DIGITS = re.compile(r"[0-9]+")
 _SMALL_METADATA = frozenset({"version", ".data/version", "byteorder", ".data/serialization_id"})
 _TENSOR_FOLDERS = frozenset({"data", "constants", "traced_inputs"})
 _PICKLES = frozenset({"data.pkl", "constants.pkl", "traced_inputs.pkl"})
-_PICKLE_OPCODES = frozenset({
-    "PROTO", "FRAME", "STOP", "MARK", "POP", "POP_MARK", "DUP", "GLOBAL", "BINPERSID", "REDUCE",
-    "BUILD", "NEWOBJ", "TUPLE", "TUPLE1", "TUPLE2", "TUPLE3", "EMPTY_TUPLE", "LIST",
-    "EMPTY_LIST", "APPEND", "APPENDS", "DICT", "EMPTY_DICT", "SETITEM", "SETITEMS", "GET",
-    "BINGET", "LONG_BINGET", "PUT", "BINPUT", "LONG_BINPUT", "MEMOIZE", "INT", "BININT",
-    "BININT1", "BININT2", "LONG", "LONG1", "LONG4", "FLOAT", "BINFLOAT", "NONE", "NEWTRUE",
-    "NEWFALSE", "BINUNICODE", "SHORT_BINUNICODE", "BINUNICODE8", "BINBYTES", "SHORT_BINBYTES",
-    "BINBYTES8", "STRING", "BINSTRING", "SHORT_BINSTRING", "UNICODE",
-})  # fmt: skip
-_PICKLE_GLOBALS = frozenset({
-    "torch._utils._rebuild_tensor_v2", "torch._utils._rebuild_qtensor",
-    "torch.jit._pickle.build_intlist", "torch.jit._pickle.build_doublelist",
-    "torch.jit._pickle.build_boollist", "torch.jit._pickle.build_tensorlist",
-    "torch.jit._pickle.build_tensor_from_id", "torch.jit._pickle.restore_type_tag",
-    "collections.OrderedDict", "builtins.complex", "torch.device",
-    "torch.per_tensor_affine", "torch.per_channel_affine", "torch.per_tensor_symmetric",
-    "torch.per_channel_symmetric", "torch.per_channel_affine_float_qparams",
-})  # fmt: skip
-_STORAGE_GLOBAL = re.compile(r"torch\.[A-Za-z0-9]+Storage")
+_TENSOR_PICKLES = frozenset({"data.pkl", "constants.pkl"})
 _PRINTABLE = re.compile(r"[\x20-\x7e\n]*")
 
 
@@ -134,6 +115,7 @@ class _Inspection:
         self.code_bytes = 0
         self.tokens = 0
         self.opcodes = 0
+        self.records: dict[str, int] = {}  # member path under the top folder -> size
 
     def add(self, issues: Iterator[ScriptIssue] | list[ScriptIssue]) -> None:
         for issue in issues:
@@ -170,6 +152,7 @@ class _Inspection:
                 code.append((name, info))
             elif role == "pickle":
                 pickles.append((name, info))
+            self.records[name] = info.file_size
         trees = self._parse_all(code)
         for name, tree in trees:
             try:
@@ -225,7 +208,18 @@ class _Inspection:
         if data is None:
             yield _issue(name, "pickle size", f"over {self.limits.max_pickle_bytes} bytes")
             return
-        yield from _walk_pickle(name, io.BytesIO(data), self.program, self)
+        found = list(tspickle.walk_pickle(name, io.BytesIO(data), self.program, self))
+        yield from found
+        if any(issue.what == "pickle size" for issue in found):
+            raise _Stop
+        # Only a pickle of allowed opcodes and globals is replayed, and only those torch.jit.load
+        # reads tensors from (it never reads traced_inputs.pkl; its records are saved empty).
+        if not found and name in _TENSOR_PICKLES:
+            yield from tspickle.check_storages(name, data, self.records)
+
+    @property
+    def max_pickle_opcodes(self) -> int:
+        return self.limits.max_pickle_opcodes
 
 
 class _Stop(Exception):
@@ -296,41 +290,3 @@ def _member_role(name: str) -> str | None:
 def _qualifier(name: str) -> str:
     """`code/__torch__/a/b.py` is where TorchScript looks for the qualifier `__torch__.a.b`."""
     return name[len("code/"): -len(".py")].replace("/", ".")
-
-
-def _walk_pickle(
-    name: str, stream: IO[bytes], program: tscode.Program, budget: _Inspection
-) -> Iterator[ScriptIssue]:
-    """Opcodes and globals of one pickle, read with `pickletools.genops` (executes nothing);
-    every opcode counts against `budget.opcodes`."""
-    try:
-        for opcode, arg, _pos in pickletools.genops(stream):
-            budget.opcodes += 1
-            if budget.opcodes > budget.limits.max_pickle_opcodes:
-                yield _issue(name, "pickle size",
-                             f"all pickles over {budget.limits.max_pickle_opcodes} opcodes")
-                raise _Stop
-            if opcode.name not in _PICKLE_OPCODES:
-                yield _issue(name, f"pickle opcode {opcode.name}", "not one torch.jit.save "
-                             "writes; refused as not understood")
-            elif opcode.name == "GLOBAL":
-                problem = _pickle_global_problem(str(arg).replace(" ", "."), program)
-                if problem:
-                    yield _issue(name, f"pickle global {arg}", problem)
-    except (ValueError, EOFError, UnicodeDecodeError, OverflowError, MemoryError) as exc:
-        yield _issue(name, "pickle", f"cannot be disassembled: {exc}")
-
-
-def _pickle_global_problem(qualified: str, program: tscode.Program) -> str | None:
-    if qualified in _PICKLE_GLOBALS or _STORAGE_GLOBAL.fullmatch(qualified):
-        return None
-    if qualified.startswith("__torch__.torch.classes."):
-        custom = qualified[len("__torch__.torch.classes."):]
-        if custom in ALLOWED_CUSTOM_CLASSES:
-            return None
-        return "custom class outside the allowed ones: it needs a native library"
-    if qualified.startswith("__torch__.") and qualified in program.classes:
-        return None
-    if qualified.startswith("__torch__."):
-        return "a class the program's code does not define"
-    return "not a global torch.jit.save writes (only tensors, storages and list builders)"
