@@ -19,6 +19,7 @@ from typing import Any, Protocol
 
 from secure_handler.errors import (
     BatchLimitExceeded,
+    InferenceFailed,
     MalformedRequest,
     RequestError,
     SecureHandlerError,
@@ -73,10 +74,23 @@ def plan(handler: Handler, data: list[Mapping[str, Any]]) -> list[Row] | None:
     they start with `{` (image bytes and base64 never do).
     """
     limits = handler.limits
-    rows = [_read_row(handler, idx, row) for idx, row in enumerate(data)]
+    rows = [_looked_at(handler, idx, row) for idx, row in enumerate(data)]
     if "torchserve" in limits.protocols and not any(r.protocol for r in rows):
         return None
     return rows
+
+
+def _looked_at(handler: Handler, idx: int, row: Any) -> Row:
+    """`_read_row`, never raising: a row this cannot read (not a mapping, a fault) is left to
+    the plain path, whose per-row checks refuse it alone; an exception here would fail the
+    whole batch."""
+    if not isinstance(row, Mapping):
+        return Row(idx, row)
+    try:
+        return _read_row(handler, idx, row)
+    except Exception:  # a bug or library fault on this row only
+        logger.exception("could not read request %d as a protocol body", idx)
+        return Row(idx, row)
 
 
 def _read_row(handler: Handler, idx: int, row: Mapping[str, Any]) -> Row:
@@ -230,6 +244,11 @@ def _answer(handler: Handler, context: Any, row: Row, bodies: list[Any]) -> Any:
                                     handler.model_name, _model_version(handler))
     except RequestError as err:
         return _refuse(handler, context, row, err)
+    except Exception as exc:  # a result that does not fit the protocol: this request only
+        logger.exception("cannot answer request %d in %s", row.idx, row.request.protocol)
+        return _refuse(handler, context, row, InferenceFailed(
+            f"the model's output cannot be answered in {row.request.protocol} "
+            f"({type(exc).__name__})"))
     return handler._respond(context, row.idx, answer)
 
 

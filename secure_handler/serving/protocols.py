@@ -307,18 +307,26 @@ def v2_outputs(bodies: Sequence[Any]) -> list[dict[str, Any]]:
     * anything else (a custom `format_outputs`): `result` BYTES `[instances]`, each the JSON
       text of that instance's result.
     """
-    if all(_has_list(b, "predictions") for b in bodies):
+    if all(_has_items(b, "predictions", _PREDICTION) for b in bodies):
         widths = {len(b["predictions"]) for b in bodies}
         if len(widths) == 1:
             return _classifier(bodies, widths.pop())
-    if all(_has_list(b, "detections") for b in bodies):
+    if all(_has_items(b, "detections", _DETECTION) for b in bodies):
         return _detector(bodies)
     texts = [json.dumps(b, separators=(",", ":"), allow_nan=False) for b in bodies]
     return [_tensor(FALLBACK_OUTPUT, [len(texts)], "BYTES", texts)]
 
 
-def _has_list(body: Any, key: str) -> bool:
-    return isinstance(body, dict) and isinstance(body.get(key), list)
+_PREDICTION = frozenset({"label", "class", "probability"})
+_DETECTION = frozenset({"label", "class", "score", "box"})
+
+
+def _has_items(body: Any, key: str, fields: frozenset[str]) -> bool:
+    """`body[key]` is a list of objects with exactly the built-in handlers' fields (a custom
+    result of another shape falls back to `result`)."""
+    items = body.get(key) if isinstance(body, dict) else None
+    return isinstance(items, list) and all(
+        isinstance(item, dict) and set(item) == fields for item in items)
 
 
 def _classifier(bodies: Sequence[Any], k: int) -> list[dict[str, Any]]:

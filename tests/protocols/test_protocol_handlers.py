@@ -16,6 +16,7 @@ from support_models import (
     write_detector_labels,
     write_text_files,
 )
+from ts.context import RequestProcessor
 
 from secure_handler import SecureImageClassifier, SecureObjectDetector, SecureTextClassifier
 from secure_handler.testing import Request, make_context, run_batch
@@ -234,3 +235,30 @@ def test_a_plain_batch_never_takes_the_protocol_path(image_dir: Path,
     assert 400 <= status < 500
     assert set(body["error"]) == {"code", "message"}
     assert "protocol batch" not in caplog.text
+
+
+class NaNScores(SecureImageClassifier):
+    """A custom handler whose results cannot be JSON (NaN)."""
+
+    def format_outputs(self, outputs, items):
+        return [{"score": float("nan")} for _ in items]
+
+
+def test_a_result_that_cannot_be_answered_fails_only_its_request(image_dir: Path) -> None:
+    handler, ctx = make_handler(NaNScores, image_dir)
+    protocol, plain = run_batch(handler, ctx, [as_json(v2([RED])),
+                                               Request(bytearray(image_bytes("red")), "image/jpeg")])
+    assert (protocol[0], protocol[1]["code"]) == (500, "inference_failed")
+    assert (plain[0], plain[1]["error"]["code"]) == (500, "inference_failed")
+
+
+def test_a_row_that_is_not_a_request_beside_a_protocol_body(image_dir: Path) -> None:
+    handler, ctx = make_handler(SecureImageClassifier, image_dir)
+    ctx.request_processor = [RequestProcessor({"body": {"content-type": "application/json"}}),
+                             RequestProcessor({})]
+    ctx.request_ids = {0: "a", 1: "b"}
+    out = handler.handle([{"body": {"instances": [RED]}}, None], ctx)
+    assert len(out) == 2
+    assert ctx.get_response_status(0)[0] == 200
+    assert ctx.get_response_status(1)[0] == 400
+    assert json.loads(out[1])["error"]["code"] == "malformed_request"

@@ -234,3 +234,10 @@ def test_v2_custom_results_fall_back_to_json_text() -> None:
 def test_error_body_carries_the_stable_code_twice() -> None:
     body = json.loads(protocols.error_json(TooManyInstances("9 instances")))
     assert body == {"error": "[too_many_instances] 9 instances", "code": "too_many_instances"}
+
+
+def test_v2_results_of_another_shape_fall_back_to_json_text() -> None:
+    odd = [{"predictions": [{"label": "red", "score": 1}]}, {"predictions": ["red"]}]
+    [output] = protocols.response(ProtocolRequest("oip_v2", ("a", "b")), odd, "m", "1")["outputs"]
+    assert output["name"] == "result"
+    assert [json.loads(x) for x in output["data"]] == odd
