@@ -174,3 +174,52 @@ def test_honest_storages_of_every_kind_pass(tmp_path: Path, dtype: torch.dtype) 
     model = tmp_path / "model.pt"
     save_torchscript(Buffered(), model)
     assert inspect_torchscript(model) == []
+
+
+class Mixed(torch.nn.Module):
+    """Conv+BatchNorm, interpolate, LayerNorm, attention, GRU, einsum, EmbeddingBag, a loop."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = torch.nn.BatchNorm2d(8)
+        self.ln = torch.nn.LayerNorm(8)
+        self.mha = torch.nn.MultiheadAttention(8, 2, batch_first=True)
+        self.bag = torch.nn.EmbeddingBag(50, 8, mode="mean")
+        self.gru = torch.nn.GRU(8, 8, batch_first=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.nn.functional.relu(self.bn(self.conv(x)))
+        y = torch.nn.functional.interpolate(y, scale_factor=2.0, mode="bilinear")
+        s = self.ln(y.flatten(2).transpose(1, 2))
+        a, _ = self.mha(s, s, s)
+        g, _ = self.gru(a)
+        e = torch.einsum("bnd,bmd->bnm", g, g)
+        b = self.bag(torch.arange(0, 10), torch.tensor([0, 5]))
+        out: list[torch.Tensor] = []
+        for i in range(e.size(0)):
+            out.append(e[i].mean().unsqueeze(0) if bool(e[i].sum() > 0) else e[i].max().unsqueeze(0))
+        return torch.cat(out) + b.sum()
+
+
+@pytest.mark.parametrize("how", ["script", "trace", "freeze", "freeze_trace"])
+def test_realistic_frozen_and_traced_models_pass_and_load(tmp_path: Path, how: str) -> None:
+    """Frozen models keep their weights in constants.pkl: replayed, not refused. (A model
+    from `torch.jit.optimize_for_inference` also passes inspection, but torch 2.13 cannot
+    load its own save of one: "required keyword attribute 'value' is undefined".)"""
+    model, x = Mixed().eval(), torch.randn(2, 3, 8, 8)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"`torch\.jit\.\w+` is deprecated",
+                                category=DeprecationWarning)
+        warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
+        if how.endswith("trace"):
+            scripted = torch.jit.trace(model, x, check_trace=False)
+        else:
+            scripted = torch.jit.script(model)
+        if how.startswith("freeze"):
+            scripted = torch.jit.freeze(scripted)
+        scripted.save(str(tmp_path / "model.pt"))
+    assert inspect_torchscript(tmp_path / "model.pt") == []
+    loaded = load_torchscript(tmp_path / "model.pt", torch.device("cpu"))
+    with torch.no_grad():
+        assert torch.allclose(loaded(x), model(x), atol=1e-4)
