@@ -29,7 +29,7 @@ from secure_handler.deploy.tsconfig import ModelSpec
 from secure_handler.serving.metrics import REJECTED_METRIC, STAGE_METRIC, STAGES
 from secure_handler.testing import Request, make_context, run_batch
 
-METRICS_YAML = Path(secure_handler.__file__).parent / "metrics.yaml"
+METRICS_YAML = Path(secure_handler.__file__).parent / "serving" / "metrics.yaml"
 LIMIT = 200_000
 
 #: (body, content type, expected error code) — each refused by a different check.
