@@ -108,11 +108,8 @@ class TorchServe:
         logs, tmp = str(self.workdir / "logs"), str(self.workdir / "tmp")
         # TEMP too: the frontend unpacks every archive under <TEMP or /tmp>/models and puts the
         # worker sockets there, where another user of a shared /tmp could create them first.
-        # TS_DECODE_INPUT_REQUEST=false: the worker hands every body over as bytes, so the
-        # handler's strict reader is the only JSON parser (the worker's json.loads keeps the last
-        # of duplicate keys and accepts NaN).
         return {**os.environ, "TMPDIR": tmp, "TEMP": tmp, "LOG_LOCATION": logs,
-                "METRICS_LOCATION": logs, "TS_DECODE_INPUT_REQUEST": "false", **self.env}
+                "METRICS_LOCATION": logs, **self.env}
 
     def prepare(self) -> dict[str, str]:
         """Make the working directory ready to start in; return `environment()`.

@@ -266,6 +266,9 @@ def hardened_properties(
         "install_py_dep_per_model": "false",
         "enable_envvars_config": "false",
         "blacklist_env_vars": SECRET_ENV_PATTERN,
+        # Workers hand every body over as bytes, so the handler's strict reader is the only JSON
+        # parser (the worker's own json.loads keeps the last of duplicate keys, accepts NaN).
+        "decode_input_request": "false",
         # Frontend limit slightly above the handler's, so the handler's typed 413 answers.
         "max_request_size": str(frontend_request_limit(max_request_bytes)),
         "max_response_size": str(frontend_request_limit(max_request_bytes)),

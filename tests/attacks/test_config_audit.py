@@ -416,3 +416,23 @@ def test_token_expiry_as_java_reads_it(text: str, store: Path, tmp_path: Path,
                                  "allowed_url", "x-custom"])
 def test_unknown_keys_are_flagged(key: str, store: Path, tmp_path: Path) -> None:
     assert (key, "medium") in _audit(store, tmp_path, props={key: "true"})
+
+
+# --- two JSON readers: the worker's (lenient) before the handler's (strict) -------------------
+
+
+def test_worker_side_body_decoding_is_flagged(store: Path, tmp_path: Path) -> None:
+    # decode_input_request=true (TorchServe's default) makes the worker json.loads exact
+    # application/json bodies itself: the last of duplicate keys wins before our reader looks.
+    assert ("decode_input_request", "medium") not in _audit(store, tmp_path)
+    for value in ("true", "TRUE"):
+        found = _audit(store, tmp_path, props={"decode_input_request": value})
+        assert ("decode_input_request", "medium") in found, value
+    base = hardened_properties(store, models=(ModelSpec("m", "m.mar"),))
+    assert base["decode_input_request"] == "false"
+    del base["decode_input_request"]
+    config = tmp_path / "missing.properties"
+    config.write_text(render_properties(base))
+    found = audit_file(config, cmdline=f"torchserve --start --ncs --ts-config {config} "
+                       f"--model-store {store}", environ={}, model_store=store)
+    assert ("decode_input_request", "medium") in [(f.key, f.severity) for f in found]

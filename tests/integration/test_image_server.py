@@ -41,6 +41,10 @@ def _cases() -> list[tuple[str, bytes, str, int, str | None]]:
         ("cmyk-red", cmyk.getvalue(), "image/jpeg", 200, "red"),
         ("empty", b"", "image/jpeg", 400, "empty_body"),
         ("json-array", b"[1, 2, 3]", "application/json", 400, "malformed_request"),
+        # Exact application/json: the hardened config says decode_input_request=false,
+        # so our strict reader, not the worker's json.loads (last key wins), sees the body.
+        ("json-duplicate-key", b'{"data": "%s", "data": "x"}' % base64.b64encode(image_bytes("red")),
+         "application/json", 400, "malformed_request"),
         ("too-big", b"\xff\xd8\xff" + b"\x00" * 300_000, "image/jpeg", 413, "payload_too_large"),
         ("gif", image_bytes("red", fmt="GIF"), "image/gif", 415, "unsupported_media_type"),
         ("zip-as-jpeg", b"PK\x03\x04" + b"\x00" * 100, "image/jpeg", 415, "unsupported_media_type"),

@@ -14,7 +14,13 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 from secure_handler.deploy.audit import rules_env, rules_jvm, rules_network, rules_sources
-from secure_handler.deploy.audit.context import ENV_OVERRIDES, KNOWN_KEYS, AuditContext, java_int
+from secure_handler.deploy.audit.context import (
+    ENV_OVERRIDES,
+    KNOWN_KEYS,
+    AuditContext,
+    java_bool,
+    java_int,
+)
 from secure_handler.deploy.audit.jregex import JavaRegexError, compile_java
 from secure_handler.deploy.audit.report import ConfigFinding
 from secure_handler.deploy.audit.rules_sources import writable_by_others
@@ -59,6 +65,18 @@ def image_pixels(ctx: AuditContext) -> Iterator[ConfigFinding]:
                           "handlers set PIL.Image.MAX_IMAGE_PIXELS = None for the whole worker: "
                           "no decompression-bomb guard for any image.",
                           "Set limit_max_image_pixels=true.", cwe=["CWE-400", "CWE-409"])
+
+
+def decode_input(ctx: AuditContext) -> Iterator[ConfigFinding]:
+    # TorchServe's default is true: the worker then parses exact application/json itself with
+    # json.loads (the last of duplicate keys wins, NaN accepted) before the handler's strict
+    # reader sees the body, so two readers can disagree on what a request says.
+    value = ctx.get("decode_input_request")
+    if value is None or java_bool(value):
+        yield ctx.finding("medium", "decode_input_request", "true (TorchServe's default) makes "
+                          "the worker parse JSON and text bodies itself, leniently, before the "
+                          "handler's strict reader: duplicate keys are resolved silently.",
+                          "Set decode_input_request=false.", cwe=["CWE-436", "CWE-20"])
 
 
 def sizes(ctx: AuditContext) -> Iterator[ConfigFinding]:
@@ -233,6 +251,6 @@ def environment(ctx: AuditContext) -> Iterator[ConfigFinding]:
 
 RULES: tuple[Rule, ...] = (
     *rules_network.RULES, *rules_sources.RULES, *rules_jvm.RULES, *rules_env.RULES,
-    envvars_config, image_pixels, sizes, job_queue, blacklist, timeouts, env_references,
-    file_hygiene, cmdline, environment,
+    envvars_config, image_pixels, decode_input, sizes, job_queue, blacklist, timeouts,
+    env_references, file_hygiene, cmdline, environment,
 )
