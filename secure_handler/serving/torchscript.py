@@ -215,7 +215,7 @@ class _Inspection:
         # Only a pickle of allowed opcodes and globals is replayed, and only those torch.jit.load
         # reads tensors from (it never reads traced_inputs.pkl; its records are saved empty).
         if not found and name in _TENSOR_PICKLES:
-            yield from tspickle.check_storages(name, data, self.records)
+            yield from tspickle.check_storages(name, data, self.records, self.program)
 
     @property
     def max_pickle_opcodes(self) -> int:

@@ -34,7 +34,7 @@ from secure_handler.serving.opsallow import (
     refusal_reason,
 )
 
-__all__ = ["IDENTIFIER", "CodeIssue", "Program", "check_code", "collect"]
+__all__ = ["IDENTIFIER", "TYPE_NAMES", "CodeIssue", "Program", "check_code", "collect"]
 
 _STATEMENTS = (
     ast.Assign, ast.AnnAssign, ast.AugAssign, ast.Expr, ast.If, ast.For, ast.While, ast.With,
@@ -60,6 +60,8 @@ _TYPE_NAMES = frozenset({
     "Scalar", "Layout", "ScalarType", "MemoryFormat", "QScheme", "Generator", "Stream",
     "List", "Dict", "Tuple", "Optional", "Union", "Final", "Future", "Await",
 })  # fmt: skip
+#: Also what a pickle's type tag may name (with the program's classes).
+TYPE_NAMES = _TYPE_NAMES
 _VALUE_NAMES = frozenset({"inf", "nan"})
 _ROOTS = frozenset({"torch", "ops", "CONSTANTS", "__torch__"})
 _CLASS_BASES = frozenset({"Module", "NamedTuple", "Interface", "ModuleInterface", "Enum"})

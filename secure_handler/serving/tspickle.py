@@ -13,7 +13,9 @@ Two passes, both before `torch.jit.load` sees the file:
    `<archive>/<key>`: a count larger than the record gave a tensor over the heap beyond it
    (reads leaked addresses, in-place operators wrote past it; CWE-125/787). So the record must
    exist and hold exactly `numel * itemsize` bytes, the location must be a CPU/CUDA device, and
-   every tensor view (offset, sizes, strides) must lie inside its storage.
+   every tensor view (offset, sizes, strides) must lie inside its storage. A type tag
+   (`restore_type_tag(value, "Dict[str, Tensor]")`, parsed by TorchScript at load) may name only
+   TorchScript's type names, the program's own classes and the allowed `torch.classes`.
 """
 
 from __future__ import annotations
@@ -57,6 +59,7 @@ STORAGE_ITEMSIZE: Mapping[str, int] = {
     "QUInt4x2": 1, "QUInt2x4": 1,
 }  # fmt: skip
 _LOCATION = re.compile(r"cpu|cuda(:[0-9]{1,3})?")
+_TYPE_TOKEN = re.compile(r"[A-Za-z_][A-Za-z0-9_.]*|[\[\], ]")
 
 
 class _Budget(Protocol):
@@ -161,10 +164,25 @@ def _rebuild(storage: object, offset: object, size: object, stride: object,
 class _Replay(pickle.Unpickler):
     """Unpickles with inert stand-ins only; `persistent_load` checks each storage."""
 
-    def __init__(self, data: bytes, folder: str, records: Mapping[str, int]) -> None:
+    def __init__(self, data: bytes, folder: str, records: Mapping[str, int],
+                 program: tscode.Program) -> None:
         super().__init__(io.BytesIO(data))
         self.folder = folder
         self.records = records
+        self.program = program
+
+    def restore_type_tag(self, value: object, tag: object) -> object:
+        names = _TYPE_TOKEN.findall(tag) if isinstance(tag, str) else None
+        if names is None or "".join(names) != tag:
+            raise _Refused(f"type tag {str(tag)[:60]!r} is not a type expression")
+        for word in names:
+            known = (not word.strip("[], ") or word in tscode.TYPE_NAMES
+                     or word in self.program.classes
+                     or word.removeprefix("__torch__.torch.classes.") in ALLOWED_CUSTOM_CLASSES)
+            if not known:
+                raise _Refused(f"type tag {tag[:60]!r} names {word[:60]!r}: not a TorchScript "
+                               "type or a class of the program")
+        return value
 
     def find_class(self, module: str, name: str) -> Any:
         qualified = f"{module}.{name}"
@@ -174,6 +192,8 @@ class _Replay(pickle.Unpickler):
             return STORAGE_ITEMSIZE[name[: -len("Storage")]]
         if qualified == "collections.OrderedDict":
             return dict
+        if qualified == "torch.jit._pickle.restore_type_tag":
+            return self.restore_type_tag
         passthrough: Callable[..., object] = lambda *args: args[0] if args else None  # noqa: E731
         return passthrough if module.startswith("torch.jit") else _Inert
 
@@ -194,12 +214,14 @@ class _Replay(pickle.Unpickler):
         return _Storage(count, itemsize)
 
 
-def check_storages(name: str, data: bytes, records: Mapping[str, int]) -> list[tscode.CodeIssue]:
+def check_storages(
+    name: str, data: bytes, records: Mapping[str, int], program: tscode.Program
+) -> list[tscode.CodeIssue]:
     """Replay one pickle that `walk_pickle` passed; `records` maps member paths under the
     top folder to their sizes. Tensors of `data.pkl` live in `data/`, of `x.pkl` in `x/`."""
     folder = name[: -len(".pkl")]
     try:
-        _Replay(data, folder, records).load()
+        _Replay(data, folder, records, program).load()
     except _Refused as exc:
         return [_issue(name, "pickle tensor", str(exc))]
     except (pickle.UnpicklingError, TypeError, ValueError, IndexError, KeyError, EOFError,

@@ -223,3 +223,27 @@ def test_realistic_frozen_and_traced_models_pass_and_load(tmp_path: Path, how: s
     loaded = load_torchscript(tmp_path / "model.pt", torch.device("cpu"))
     with torch.no_grad():
         assert torch.allclose(loaded(x), model(x), atol=1e-4)
+
+
+class Tagged(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.table = {"w": [torch.ones(2)]}  # TorchScript infers Dict[str, List[Tensor]]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.table["w"][0]
+
+
+def test_type_tags_name_only_torchscript_types_and_program_classes(tmp_path: Path) -> None:
+    model = tmp_path / "model.pt"
+    save_torchscript(Tagged(), model)
+    assert b"Dict[str, List[Tensor]]" in _members(model)["model/data.pkl"]
+    assert inspect_torchscript(model) == []
+    evil = b"Dict[str, __torch__.torch.classes.c10d.Work]"
+    data = _members(model)["model/data.pkl"]
+    tag = b"X\x17\x00\x00\x00Dict[str, List[Tensor]]"
+    assert tag in data
+    _rewrite(model, "/data.pkl", tag, b"X" + len(evil).to_bytes(4, "little") + evil)
+    issues = inspect_torchscript(model)
+    assert [i.what for i in issues] == ["pickle tensor"]
+    assert "names '__torch__.torch.classes.c10d.Work'" in issues[0].reason
