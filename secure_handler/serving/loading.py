@@ -8,14 +8,17 @@ be a TorchScript archive and every configured digest matched.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
 import stat
+import sys
+import tempfile
 import warnings
 import zipfile
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -235,6 +238,34 @@ def check_tree_unchanged(root: str | os.PathLike[str], before: TreeSnapshot) -> 
         )
 
 
+_MAX_LOAD_OUTPUT = 64 << 10  # bytes of load-time output logged; the rest is dropped
+
+
+@contextlib.contextmanager
+def _stderr_logged_escaped(source: str) -> Iterator[None]:
+    """Hold what native code writes to fd 2 during the block, then log it as reprs.
+
+    A model's `__setstate__` may call `warnings.warn` (aten::warn stays allowed:
+    nn.TransformerEncoder calls it) with a message it builds, and inside `torch.jit.load` torch
+    prints it straight to fd 2. TorchServe parses every worker stderr line starting with
+    `[METRICS]` or `[PID]`, so "\\n[PID]1" in a message forged them (CWE-117).
+    """
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as sink:
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            sink.seek(0)
+            held = sink.read(_MAX_LOAD_OUTPUT)
+            for line in held.decode("utf-8", "replace").splitlines():
+                logger.warning("%s: output while loading: %r", source, line[:500])
+
+
 def load_torchscript(path: str | os.PathLike[str], device: torch.device) -> torch.jit.ScriptModule:
     """`torch.jit.load` onto `device`, in eval mode. Call only after the checks above.
 
@@ -250,7 +281,7 @@ def load_torchscript(path: str | os.PathLike[str], device: torch.device) -> torc
                 os.fspath(path))
     import torch
 
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), _stderr_logged_escaped(os.fspath(path)):
         # torch 2.13 deprecates TorchScript; silence exactly that message and nothing wider.
         warnings.filterwarnings(
             "ignore", message=r"`torch\.jit\.load` is deprecated", category=DeprecationWarning

@@ -21,6 +21,7 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -36,6 +37,7 @@ from secure_handler import SecureImageClassifier, UnsafeModelError
 from secure_handler.cli import main
 from secure_handler.serving import loading
 from secure_handler.serving.loading import save_torchscript
+from secure_handler.serving.torchscript import inspect_torchscript
 from secure_handler.testing import make_context
 
 CLI = str(Path(sys.executable).with_name("secure-handler"))
@@ -337,3 +339,49 @@ def test_snapshot_leaves_out_bytecode_caches(tmp_path: Path) -> None:
     (tmp_path / "sub").mkdir()
     with pytest.raises(UnsafeModelError, match=r"appeared: sub"):
         loading.check_tree_unchanged(tmp_path, before)
+
+
+class SetstateWarnsForgedLines(torch.nn.Module):
+    """`__setstate__` warns with a message holding lines TorchServe parses from stderr."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tag = "x"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    @torch.jit.export
+    def __getstate__(self) -> tuple[str, bool]:
+        return (self.tag, self.training)
+
+    @torch.jit.export
+    def __setstate__(self, state: tuple[str, bool]) -> None:
+        self.tag = state[0]
+        self.training = state[1]
+        forged = "\n[PID]1\n[METRICS]Forged.Count:1|#Level:Host|#hostname:h,timestamp:1"
+        warnings.warn("loaded" + forged, stacklevel=2)
+
+
+def test_load_time_warnings_are_logged_escaped_not_printed(
+    tmp_path: Path, capfd: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
+) -> None:
+    """CWE-117: aten::warn stays allowed (nn.TransformerEncoder calls it); inside
+    torch.jit.load torch prints a warning straight to fd 2, where TorchServe parses `[PID]` and
+    `[METRICS]` lines. The loader holds fd 2 during the load and logs each line as a repr."""
+    path = tmp_path / "model.pt"
+    save_torchscript(SetstateWarnsForgedLines(), path)
+    assert inspect_torchscript(path) == []  # passes: the allowlist keeps aten::warn
+    capfd.readouterr()
+    with warnings.catch_warnings():  # real: torch.jit.load alone prints the forged lines
+        warnings.filterwarnings("ignore", message=r"`torch\.jit\.load` is deprecated",
+                                category=DeprecationWarning)
+        torch.jit.load(str(path))  # type: ignore[no-untyped-call]
+    assert "[PID]1" in capfd.readouterr().err.splitlines()
+    with caplog.at_level("WARNING", logger=loading.logger.name):
+        loading.load_torchscript(path, torch.device("cpu"))
+    printed = capfd.readouterr()
+    lines = (printed.out + printed.err).splitlines()
+    assert not [line for line in lines if line.startswith(("[PID]", "[METRICS]"))]
+    assert "output while loading: '[PID]1'" in caplog.text
+    assert "output while loading: '[METRICS]Forged" in caplog.text
