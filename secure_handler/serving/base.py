@@ -39,7 +39,7 @@ from secure_handler.errors import (
 )
 from secure_handler.limits import BaseLimits, build_limits
 from secure_handler.serving import loading, pin, protocol_batch
-from secure_handler.serving.metrics import StageTimer, count_rejection
+from secure_handler.serving.metrics import StageTimer, count_rejection, escape_warnings
 
 __all__ = ["SecureBaseHandler"]
 
@@ -77,6 +77,7 @@ class SecureBaseHandler(BaseHandler, ABC):  # type: ignore[misc]
         self.device = loading.choose_device(properties, self.limits.device)
         self.map_location = str(self.device)
         model_dir = Path(properties.get("model_dir") or ".")
+        escape_warnings()  # a model's warning text must not forge TorchServe's log lines
         before = loading.snapshot_tree(model_dir)
         self.model = self._load_model(model_dir)
         # Defence in depth behind the TorchScript inspection: loading wrote nothing into the

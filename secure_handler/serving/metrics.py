@@ -13,7 +13,10 @@ from typing import Any
 
 from ts.metrics.dimension import Dimension
 
-__all__ = ["REJECTED_METRIC", "STAGE_METRIC", "STAGES", "StageTimer", "count_rejection"]
+__all__ = [
+    "REJECTED_METRIC", "STAGE_METRIC", "STAGES", "StageTimer", "count_rejection",
+    "escape_warnings",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -70,3 +73,26 @@ class StageTimer:
                                  [Dimension("Stage", stage)])
         except Exception:
             logger.debug("could not record %s", STAGE_METRIC, exc_info=True)
+
+
+class _OneLine(logging.Filter):
+    """Render a warning's text as one escaped line (newlines shown as \\n, never written)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = record.getMessage()
+        record.msg, record.args = repr(text[:4096]), None
+        return True
+
+
+def escape_warnings() -> None:
+    """Route Python warnings through logging, one escaped line each, in this worker.
+
+    TorchServe reads `[METRICS]` and `[PID]` lines from the worker's stdout and stderr, and a
+    model's warning text (TorchScript's `aten::warn`, surfaced as a Python warning during
+    `forward`) is chosen by whoever built the model: printed as-is, a newline in it would forge
+    such a line. Called from `initialize` (the worker is this handler's process), never at import.
+    """
+    logging.captureWarnings(True)
+    warnings_logger = logging.getLogger("py.warnings")
+    if not any(isinstance(f, _OneLine) for f in warnings_logger.filters):
+        warnings_logger.addFilter(_OneLine())

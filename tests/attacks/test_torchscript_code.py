@@ -385,3 +385,40 @@ def test_load_time_warnings_are_logged_escaped_not_printed(
     assert not [line for line in lines if line.startswith(("[PID]", "[METRICS]"))]
     assert "output while loading: '[PID]1'" in caplog.text
     assert "output while loading: '[METRICS]Forged" in caplog.text
+
+
+class ForwardWarnsForgedLines(torch.nn.Module):
+    """`forward` warns with text holding lines TorchServe parses from the worker's output."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        warnings.warn("served\n[PID]1\n[METRICS]Forged.Count:1|#Level:Host|#hostname:h,"
+                      "timestamp:1", stacklevel=2)
+        return x.mean(dim=(2, 3)).repeat(1, 2)[:, :4]
+
+
+def test_inference_time_warnings_are_logged_escaped_not_printed(
+    tmp_path: Path, capfd: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
+) -> None:
+    """CWE-117: during `forward` torch surfaces `aten::warn` as a Python warning; the worker
+    routes warnings through logging as one escaped line each, so no `[METRICS]` line is forged."""
+    from support import image_bytes
+
+    from secure_handler.testing import Request, run_batch
+
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    save_torchscript(ForwardWarnsForgedLines(), model_dir / "model.pt")
+    (model_dir / "index_to_name.json").write_text(json.dumps(LABELS))
+    handler = SecureImageClassifier()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("always", category=UserWarning)  # a worker prints them
+        ctx = make_context(model_dir, MANIFEST, {"handler": {}})
+        handler.initialize(ctx)
+        capfd.readouterr()
+        with caplog.at_level("WARNING", logger="py.warnings"):
+            answers = run_batch(handler, ctx, [Request(image_bytes("red"), "image/jpeg")])
+    assert answers[0][0] == 200
+    printed = capfd.readouterr()
+    lines = (printed.out + printed.err + caplog.text).splitlines()
+    assert not [line for line in lines if line.startswith(("[PID]", "[METRICS]"))]
+    assert "\\n[METRICS]Forged" in caplog.text  # logged, escaped, on one line
