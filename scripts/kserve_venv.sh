@@ -6,8 +6,8 @@
 #   ./scripts/kserve_venv.sh && .venv-kserve/bin/python -m pytest tests/deploy tests/integration/test_protocols_server.py
 set -euo pipefail
 cd "$(dirname "$0")/.."
-if [ ! -x .venv-kserve/bin/python ]; then
-  python3 -m venv .venv-kserve
-  echo '*' > .venv-kserve/.gitignore   # keep it out of git without touching .gitignore
+if ! .venv-kserve/bin/python -m pip --version >/dev/null 2>&1; then
+  rm -rf .venv-kserve
+  "${PYTHON:-python3}" -m venv .venv-kserve
 fi
 .venv-kserve/bin/pip install -q -c constraints.txt -e ".[dev,gateway,kserve]"
