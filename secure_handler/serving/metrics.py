@@ -9,7 +9,8 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import Any
+import warnings
+from typing import Any, TextIO
 
 from ts.metrics.dimension import Dimension
 
@@ -75,24 +76,22 @@ class StageTimer:
             logger.debug("could not record %s", STAGE_METRIC, exc_info=True)
 
 
-class _OneLine(logging.Filter):
-    """Render a warning's text as one escaped line (newlines shown as \\n, never written)."""
+_warnings_logger = logging.getLogger("py.warnings")
 
-    def filter(self, record: logging.LogRecord) -> bool:
-        text = record.getMessage()
-        record.msg, record.args = repr(text[:4096]), None
-        return True
+
+def _show_escaped(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                  file: TextIO | None = None, line: str | None = None) -> None:
+    """`warnings.showwarning` for the worker: one log line, the text escaped by repr."""
+    text = f"{filename}:{lineno}: {category.__name__}: {message}"
+    _warnings_logger.warning("%r", text[:4096])
 
 
 def escape_warnings() -> None:
-    """Route Python warnings through logging, one escaped line each, in this worker.
+    """Show Python warnings as one escaped log line each, in this worker.
 
     TorchServe reads `[METRICS]` and `[PID]` lines from the worker's stdout and stderr, and a
     model's warning text (TorchScript's `aten::warn`, surfaced as a Python warning during
     `forward`) is chosen by whoever built the model: printed as-is, a newline in it would forge
     such a line. Called from `initialize` (the worker is this handler's process), never at import.
     """
-    logging.captureWarnings(True)
-    warnings_logger = logging.getLogger("py.warnings")
-    if not any(isinstance(f, _OneLine) for f in warnings_logger.filters):
-        warnings_logger.addFilter(_OneLine())
+    warnings.showwarning = _show_escaped

@@ -4,13 +4,13 @@
 compiles that text again, so whatever the text names runs (`__setstate__` even during the load).
 This module reads the text with Python's `ast` and allows only:
 
-* the statements and expressions the TorchScript printer emits (`_STATEMENTS`, `_EXPRESSIONS`);
+* the statements and expressions the TorchScript printer emits (`STATEMENTS`, `EXPRESSIONS`);
   anything else (lambdas, comprehensions, imports, f-strings, ...) is refused as not understood;
 * calls to allowed operators only: `torch.NAME` is `aten::NAME` and `ops.NS.NAME` is
   `NS::NAME`, each on `opsallow.ALLOWED_OPS` with every overload; `x.NAME(...)` must be an
   allowed `aten::NAME`/`prim::NAME` method or a method the program defines, and is refused
   whenever `NAME` is an excluded operator (`x.save`, `getattr(x, "from_file")`);
-* builtins from a fixed set (`_BUILTIN_CALLS`: no `print`, `id`, `rpc_*`; `fork` only of a
+* builtins from a fixed set (`BUILTIN_CALLS`: no `print`, `id`, `rpc_*`; `fork` only of a
   function of the program), type names from a fixed set, the program's own locals, constants,
   nested `def`s (the printer writes `torch.jit.fork` as a closure, judged like any body) and
   `__torch__` classes and functions, and `torch.classes.*` custom classes only from
@@ -23,7 +23,6 @@ The text reaches this module only in the printer's plain lexical form (see
 from __future__ import annotations
 
 import ast
-import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -33,43 +32,20 @@ from secure_handler.serving.opsallow import (
     is_allowed_op,
     refusal_reason,
 )
+from secure_handler.serving.tsgrammar import (
+    ALLOWED_NODES,
+    BUILTIN_CALLS,
+    CLASS_BASES,
+    CLASS_LISTS,
+    CONSTANT_REF,
+    CONSTANT_TYPES,
+    IDENTIFIER,
+    ROOTS,
+    TYPE_NAMES,
+    VALUE_NAMES,
+)
 
 __all__ = ["IDENTIFIER", "TYPE_NAMES", "CodeIssue", "Program", "check_code", "collect"]
-
-_STATEMENTS = (
-    ast.Assign, ast.AnnAssign, ast.AugAssign, ast.Expr, ast.If, ast.For, ast.While, ast.With,
-    ast.Return, ast.Pass, ast.Break, ast.Continue, ast.Raise, ast.Assert,
-)  # fmt: skip
-_EXPRESSIONS = (
-    ast.Call, ast.Attribute, ast.Name, ast.Constant, ast.Tuple, ast.List, ast.Dict,
-    ast.Subscript, ast.Slice, ast.BinOp, ast.UnaryOp, ast.BoolOp, ast.Compare, ast.IfExp,
-    ast.keyword, ast.withitem, ast.expr_context, ast.operator, ast.unaryop, ast.boolop,
-    ast.cmpop,
-)  # fmt: skip
-_ALLOWED_NODES = _STATEMENTS + _EXPRESSIONS
-
-#: Bare names TorchScript compiles to pure operators or compile-time forms.
-_BUILTIN_CALLS = frozenset({
-    "annotate", "unchecked_cast", "uninitialized", "isinstance", "getattr", "hasattr", "range",
-    "int", "float", "bool", "str", "complex", "len", "sorted", "min", "max", "abs", "all",
-    "any", "divmod", "round", "ord", "chr", "list", "dict", "tuple", "zip", "enumerate",
-    "sum", "pow", "hex", "oct", "bin", "fork",
-})  # fmt: skip
-_TYPE_NAMES = frozenset({
-    "Tensor", "int", "float", "bool", "str", "complex", "NoneType", "Device", "Any", "number",
-    "Scalar", "Layout", "ScalarType", "MemoryFormat", "QScheme", "Generator", "Stream",
-    "List", "Dict", "Tuple", "Optional", "Union", "Final", "Future", "Await",
-})  # fmt: skip
-#: Also what a pickle's type tag may name (with the program's classes).
-TYPE_NAMES = _TYPE_NAMES
-_VALUE_NAMES = frozenset({"inf", "nan"})
-_ROOTS = frozenset({"torch", "ops", "CONSTANTS", "__torch__"})
-_CLASS_BASES = frozenset({"Module", "NamedTuple", "Interface", "ModuleInterface", "Enum"})
-_CLASS_LISTS = frozenset({"__parameters__", "__buffers__", "__forward_hooks__",
-                          "__forward_pre_hooks__"})  # fmt: skip
-_CONSTANT_TYPES = (str, int, float, bool, complex, type(None))
-IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
-_CONSTANT_REF = re.compile(r"c[0-9]+")
 
 
 @dataclass(frozen=True)
@@ -152,9 +128,9 @@ def _issue(member: str, node: ast.AST, method: str | None, what: str, why: str) 
 
 def _check_class(node: ast.ClassDef, member: str, program: Program) -> Iterator[CodeIssue]:
     bases = [b.id if isinstance(b, ast.Name) else ast.dump(b) for b in node.bases]
-    if node.keywords or node.decorator_list or any(b not in _CLASS_BASES for b in bases):
+    if node.keywords or node.decorator_list or any(b not in CLASS_BASES for b in bases):
         yield _issue(member, node, node.name, f"class {node.name}({', '.join(bases)})",
-                     f"bases must be among {sorted(_CLASS_BASES)}, without decorators")
+                     f"bases must be among {sorted(CLASS_BASES)}, without decorators")
     is_enum = bases == ["Enum"]
     for item in node.body:
         if isinstance(item, ast.FunctionDef):
@@ -176,7 +152,7 @@ def _check_class_assign(
 ) -> Iterator[CodeIssue]:
     body = _Body(member, owner, program)
     target = item.targets[0] if len(item.targets) == 1 else None
-    if isinstance(target, ast.Name) and target.id in _CLASS_LISTS:
+    if isinstance(target, ast.Name) and target.id in CLASS_LISTS:
         values = item.value.elts if isinstance(item.value, ast.List) else None
         if values is None or not all(
             isinstance(v, ast.Constant) and isinstance(v.value, str) for v in values
@@ -247,7 +223,7 @@ class _Body:
     def bind(self, node: ast.AST, name: str) -> Iterator[CodeIssue]:
         # Only the roots: a local shadowing a builtin is harmless (every value a local can hold
         # comes from an expression judged where it is written; the printer names locals `min`).
-        if name in _ROOTS:
+        if name in ROOTS:
             yield self.issue(node, name, "rebinds a name TorchScript resolves specially")
         self.locals.add(name)
 
@@ -258,11 +234,11 @@ class _Body:
             inner.locals = set(self.locals)
             yield from inner.function(node)
             return
-        if not isinstance(node, _ALLOWED_NODES):
+        if not isinstance(node, ALLOWED_NODES):
             yield self.issue(node, type(node).__name__, "not a construct the TorchScript "
                              "printer writes; refused as not understood")
             return
-        if isinstance(node, ast.Constant) and not isinstance(node.value, _CONSTANT_TYPES):
+        if isinstance(node, ast.Constant) and not isinstance(node.value, CONSTANT_TYPES):
             yield self.issue(node, repr(node.value)[:40], "constant of a refused type")
         elif isinstance(node, ast.Dict) and any(key is None for key in node.keys):
             yield self.issue(node, "**mapping", "dict unpacking is not understood")
@@ -278,10 +254,10 @@ class _Body:
             yield from self.visit(child)
 
     def name(self, node: ast.Name) -> Iterator[CodeIssue]:
-        known = node.id in self.locals or node.id in _TYPE_NAMES or node.id in _VALUE_NAMES
+        known = node.id in self.locals or node.id in TYPE_NAMES or node.id in VALUE_NAMES
         if isinstance(node.ctx, ast.Load) and not known:
             why = ("may only start an attribute (torch.NAME, ops.NS.NAME, ...)"
-                   if node.id in _ROOTS else "unknown name (not a local, type or builtin)")
+                   if node.id in ROOTS else "unknown name (not a local, type or builtin)")
             yield self.issue(node, node.id, why)
 
     def call(self, node: ast.Call) -> Iterator[CodeIssue]:
@@ -300,7 +276,7 @@ class _Body:
     def _builtin_call(self, node: ast.Call, func: ast.Name) -> Iterator[CodeIssue]:
         if func.id in self.callables:
             return  # bound only to `__torch__` functions, each judged where it is assigned
-        if func.id not in _BUILTIN_CALLS:
+        if func.id not in BUILTIN_CALLS:
             why = ("calls a local value" if func.id in self.locals
                    else "not an allowed builtin (print, id, rpc_* are outside)")
             yield self.issue(node, f"{func.id}()", why)
@@ -322,7 +298,7 @@ class _Body:
         while isinstance(root, ast.Attribute):
             names.insert(0, root.attr)
             root = root.value
-        if isinstance(root, ast.Name) and root.id in _ROOTS:
+        if isinstance(root, ast.Name) and root.id in ROOTS:
             yield from self._rooted(node, root.id, names)
             return
         yield from self.visit(root)
@@ -348,7 +324,7 @@ class _Body:
             op = f"aten::{names[0]}"
         elif root == "ops" and len(names) == 2:
             op = f"{names[0]}::{names[1]}"
-        elif root == "CONSTANTS" and len(names) == 1 and _CONSTANT_REF.fullmatch(names[0]):
+        elif root == "CONSTANTS" and len(names) == 1 and CONSTANT_REF.fullmatch(names[0]):
             return
         elif root == "__torch__":
             yield from self._torch_class(node, [root, *names])
@@ -377,7 +353,7 @@ class _Body:
 
     def type_expr(self, node: ast.expr) -> Iterator[CodeIssue]:
         """Annotations: type names, `__torch__` classes, subscripts and tuples of those."""
-        if isinstance(node, ast.Name) and node.id in _TYPE_NAMES:
+        if isinstance(node, ast.Name) and node.id in TYPE_NAMES:
             return
         if isinstance(node, ast.Constant) and node.value is None:
             return
@@ -394,9 +370,9 @@ class _Body:
 
     def constant(self, node: ast.expr) -> Iterator[CodeIssue]:
         """Default values and class constants: literals, tuples/lists of them, inf, nan."""
-        if isinstance(node, ast.Constant) and isinstance(node.value, _CONSTANT_TYPES):
+        if isinstance(node, ast.Constant) and isinstance(node.value, CONSTANT_TYPES):
             return
-        if isinstance(node, ast.Name) and node.id in _VALUE_NAMES:
+        if isinstance(node, ast.Name) and node.id in VALUE_NAMES:
             return
         if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub | ast.UAdd):
             yield from self.constant(node.operand)
