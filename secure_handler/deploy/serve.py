@@ -20,6 +20,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+from secure_handler.deploy import config_cmd
 from secure_handler.deploy.audit import (
     AuditContext,
     ConfigFinding,
@@ -163,11 +164,11 @@ def _generate_config(args: argparse.Namespace, workdir: Path, lock: Path) -> Pat
         info = read_mar_info(args.model_store / mar)
         models.append(StoreModel(str(entry["name"]), mar, str(entry.get("version", "1.0")),
                                  info.limits))
-    gen = argparse.Namespace(
-        model_store=args.model_store, handler_limits=None, free_ports=args.free_ports,
-        bind="127.0.0.1", tls_cert=None, tls_key=None, workers=1, batch_size=8,
-        max_batch_delay_ms=5, response_timeout=60, job_queue_size=100,
-    )
+    # `config`'s own defaults, read from its parser, so a new `config` option cannot be missed.
+    parser = argparse.ArgumentParser(add_help=False)
+    config_cmd.register(parser.add_subparsers())
+    gen = parser.parse_args(["config", "--model-store", str(args.model_store),
+                             *(["--free-ports"] if args.free_ports else [])])
     config = workdir / "config.properties"
     header = "Written by `secure-handler serve` for a store verified against " + str(lock)
     config.write_text(render_properties(build_config(gen, models), header), "ascii")
