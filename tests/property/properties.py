@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 from PIL import Image
 from ts.context import RequestProcessor
 
-from secure_handler import RequestError, SecureBaseHandler
+from secure_handler import RequestError, SecureBaseHandler, SecureHandlerError
 from secure_handler.testing import Request
 
 KiB, MiB = 1024, 1024 * 1024
@@ -67,10 +67,13 @@ def expected_status(code: str) -> int:
 def outcome(handler: SecureBaseHandler, ctx: Any, request: Request) -> tuple[str, Any]:
     """`("ok", item)` or `(code, None)` for one request; any other exception propagates."""
     ctx.request_processor = [RequestProcessor(request.header_map())]
-    try:
-        return "ok", handler.decode(handler.read_payload(request.row(), 0), 0)
-    except RequestError as err:
-        refused = err
+    # decode_rows is the whole per-request half of handle(), as the worker runs it (the text
+    # handler tokenizes a batch's texts together there, after decode() checked each one).
+    item = handler.decode_rows([request.row()])[0]
+    if not isinstance(item, SecureHandlerError):
+        return "ok", item
+    assert isinstance(item, RequestError), item  # never internal_error
+    refused = item
     assert refused.status == expected_status(refused.code), (refused.code, refused.status)
     assert refused.message
     return refused.code, None
