@@ -14,9 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from secure_handler.supply.build import ArchiveRequest, ArchiverError, build_archive
-from secure_handler.supply.findings import Finding
 from secure_handler.supply.policy import add_policy_argument, policy_from_args
-from secure_handler.supply.scan_cli import add_scan
+from secure_handler.supply.scan_cli import add_scan, emit, finding_lines
 from secure_handler.supply.templates import HANDLER_KINDS
 from secure_handler.supply.verify import (
     LockResult,
@@ -91,16 +90,6 @@ def _options(args: argparse.Namespace, require_digests: bool = True) -> VerifyOp
     )
 
 
-def _emit(args: argparse.Namespace, payload: dict[str, Any], lines: Sequence[str]) -> None:
-    if args.json:
-        print(json.dumps(payload, indent=2, sort_keys=True))
-    else:
-        for line in lines:
-            print(line)
-
-
-def _finding_lines(findings: Sequence[Finding], indent: str = "  ") -> list[str]:
-    return [f"{indent}{f}" for f in findings]
 
 
 def _usage_error(command: str, exc: BaseException) -> int:
@@ -170,7 +159,7 @@ def _cmd_archive(args: argparse.Namespace) -> int:
     else:
         head = [f"REFUSED {args.model_name}: nothing was written"]
     notes = [f"  note: {n}" for n in result.notes]
-    _emit(args, result.to_dict(), [*head, *_finding_lines(result.findings), *notes])
+    emit(args, result.to_dict(), [*head, *finding_lines(result.findings), *notes])
     return EXIT_OK if result.ok else EXIT_FINDINGS
 
 
@@ -219,7 +208,7 @@ def _cmd_verify(args: argparse.Namespace) -> int:
         f"  sha256 {report.sha256}  model {report.name} version {report.version}",
     ]
     notes = [f"  note: {n}" for n in report.notes]
-    _emit(args, report.to_dict(), [*head, *_finding_lines(report.findings), *notes])
+    emit(args, report.to_dict(), [*head, *finding_lines(report.findings), *notes])
     return EXIT_OK if report.ok else EXIT_FINDINGS
 
 
@@ -256,7 +245,7 @@ def _verify_store(args: argparse.Namespace, options: VerifyOptions) -> int:
         "lock": str(args.lock),
         "findings": [f.to_dict() for f in findings],
     }
-    _emit(args, payload, [*head, *_finding_lines(findings)])
+    emit(args, payload, [*head, *finding_lines(findings)])
     return EXIT_OK if ok else EXIT_FINDINGS
 
 
@@ -297,18 +286,18 @@ def _cmd_lock(args: argparse.Namespace) -> int:
         return EXIT_OK
     args.output.write_text(text, "utf-8")
     lines = [f"OK locked {len(result.reports)} archive(s) into {args.output}"]
-    _emit(args, _lock_payload(result), [*lines, *_lock_lines(result)])
+    emit(args, _lock_payload(result), [*lines, *_lock_lines(result)])
     return EXIT_OK
 
 
 def _lock_lines(result: LockResult) -> list[str]:
-    lines = _finding_lines(result.findings)
+    lines = finding_lines(result.findings)
     for report in result.reports:
         lines.append(
             f"  {'ok' if report.ok else 'REFUSED'} {Path(report.path).name} "
             f"{report.name} {report.version} {report.sha256}"
         )
-        lines += _finding_lines(report.findings, "    ")
+        lines += finding_lines(report.findings, "    ")
     return lines
 
 
@@ -358,7 +347,7 @@ def _cmd_sign(args: argparse.Namespace) -> int:
         out = sign_mar(args.mar, args.private_key, args.signature)
     except (SigningUnavailable, ValueError) as exc:
         return _usage_error("sign", exc)
-    _emit(
+    emit(
         args,
         {"ok": True, "mar": str(args.mar), "signature": str(out)},
         [f"OK signed {args.mar} -> {out}"],

@@ -18,7 +18,7 @@ from secure_handler.supply.lint import lint_paths
 from secure_handler.supply.policy import add_policy_argument, policy_from_args
 from secure_handler.supply.scan import scan_paths
 
-__all__ = ["add_scan"]
+__all__ = ["add_scan", "emit", "finding_lines"]
 
 EXIT_OK, EXIT_FINDINGS, EXIT_USAGE = 0, 1, 2
 
@@ -59,7 +59,7 @@ def _cmd_scan(args: argparse.Namespace) -> int:
         "findings": [f.to_dict() for f in report.findings],
         "waivers": report.waivers,
     }
-    _emit(args, payload, [*head, *_finding_lines(report.findings)])
+    emit(args, payload, [*head, *finding_lines(report.findings)])
     return EXIT_FINDINGS if refused else EXIT_OK
 
 
@@ -73,11 +73,12 @@ def _cmd_lint(args: argparse.Namespace) -> int:
     head = [f"LINT (advice, not a guarantee; `scan` without --lint decides): "
             f"{len(findings)} finding(s)"]  # fmt: skip
     payload = {"ok": not findings, "lint": True, "findings": [f.to_dict() for f in findings]}
-    _emit(args, payload, [*head, *_finding_lines(findings)])
+    emit(args, payload, [*head, *finding_lines(findings)])
     return EXIT_FINDINGS if findings else EXIT_OK
 
 
-def _emit(args: argparse.Namespace, payload: dict[str, Any], lines: Sequence[str]) -> None:
+def emit(args: argparse.Namespace, payload: dict[str, Any], lines: Sequence[str]) -> None:
+    """`--json`: the payload; otherwise the lines (shared by every supply command)."""
     if args.json:
         print(json.dumps(payload, indent=2, sort_keys=True))
     else:
@@ -85,8 +86,9 @@ def _emit(args: argparse.Namespace, payload: dict[str, Any], lines: Sequence[str
             print(line)
 
 
-def _finding_lines(findings: Sequence[Finding]) -> list[str]:
-    return [f"  {f}" for f in findings]
+def finding_lines(findings: Sequence[Finding], indent: str = "  ") -> list[str]:
+    """One indented line per finding."""
+    return [f"{indent}{f}" for f in findings]
 
 
 def _usage_error(exc: BaseException) -> int:
