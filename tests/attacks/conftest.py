@@ -14,9 +14,9 @@ from typing import Any
 import pytest
 from attacks.harness import MANIFEST, Target
 from support import LABELS, build_tiny_classifier
-from support_models import build_text_model, write_text_files
+from support_models import build_detector, build_text_model, write_detector_labels, write_text_files
 
-from secure_handler import SecureImageClassifier, SecureTextClassifier
+from secure_handler import SecureImageClassifier, SecureObjectDetector, SecureTextClassifier
 from secure_handler.testing import make_context
 
 
@@ -27,6 +27,19 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     build_tiny_classifier(directory)
     (directory / "index_to_name.json").write_text(json.dumps(LABELS))
     return directory
+
+
+@pytest.fixture(scope="session")
+def detector(tmp_path_factory: pytest.TempPathFactory) -> Target:
+    """The shape detector (list contract, default image limits) on a real Context."""
+    directory = tmp_path_factory.mktemp("shape-detector")
+    build_detector(directory, "list")
+    write_detector_labels(directory)
+    ctx = make_context(directory, MANIFEST, {"handler": {"model_contract": "list"}},
+                       batch_size=8)
+    handler = SecureObjectDetector()
+    handler.initialize(ctx)
+    return Target(handler, ctx)
 
 
 @pytest.fixture(scope="session")

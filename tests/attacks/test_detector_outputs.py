@@ -23,7 +23,6 @@ import torch
 from attacks import costly, craft
 from attacks.harness import MANIFEST, Build, Target, assert_class, assert_refused
 from support import script_and_save
-from support_models import build_detector, write_detector_labels
 from torch import Tensor
 
 from secure_handler import SecureObjectDetector
@@ -148,25 +147,13 @@ SAME = {
 }
 
 
-@pytest.fixture(scope="module")
-def shapes(tmp_path_factory: pytest.TempPathFactory) -> Target:
-    directory = tmp_path_factory.mktemp("shape-detector")
-    build_detector(directory, "list")
-    write_detector_labels(directory)
-    ctx = make_context(directory, MANIFEST, {"handler": {"model_contract": "list"}},
-                       batch_size=8)
-    handler = SecureObjectDetector()
-    handler.initialize(ctx)
-    return Target(handler, ctx)
-
-
 @pytest.mark.parametrize("name", list(SAME))
 def test_detector_refuses_exactly_what_the_classifier_refuses(
-        classifier: Build, shapes: Target, name: str) -> None:
+        classifier: Build, detector: Target, name: str) -> None:
     """CWE-390: the same bytes, between two valid rows, get the same 4xx from both."""
     data = SAME[name]()
     outcomes = []
-    for target in (classifier(), shapes):
+    for target in (classifier(), detector):
         first, middle, last = target.send(_img(craft.RED), Request(bytearray(data)),
                                           _img(craft.BLUE))
         assert first[0] == 200
@@ -176,9 +163,9 @@ def test_detector_refuses_exactly_what_the_classifier_refuses(
     assert outcomes[0] == outcomes[1], outcomes
 
 
-def test_corrupt_png_with_exif_is_refused_not_served_half_decoded(shapes: Target) -> None:
+def test_corrupt_png_with_exif_is_refused_not_served_half_decoded(detector: Target) -> None:
     """The review's case: 200 with cut detections before; now 422 invalid_image."""
-    assert_refused(shapes.one(_png_exif_after_garbage_idat(), "image/png"), 422,
+    assert_refused(detector.one(_png_exif_after_garbage_idat(), "image/png"), 422,
                    "invalid_image")
 
 

@@ -22,14 +22,12 @@ from typing import Any
 
 import pytest
 from attacks import costly, craft
-from attacks.harness import MANIFEST, Build, Target, assert_class, assert_refused
+from attacks.harness import Build, Target, assert_class, assert_refused
 from PIL import Image, ImageOps, PngImagePlugin
-from support_models import build_detector, write_detector_labels
 
-from secure_handler import SecureObjectDetector
 from secure_handler.limits import ImageLimits
 from secure_handler.serving.image import decode
-from secure_handler.testing import Request, make_context
+from secure_handler.testing import Request
 
 MB = 1000 * 1000
 BUDGET = 200 * MB
@@ -67,19 +65,6 @@ def peak() -> PeakMeter:
     except (OSError, AttributeError):
         pytest.skip("needs Linux /proc/self/clear_refs and glibc to measure the peak RSS")
     return meter
-
-
-@pytest.fixture(scope="module")
-def detector(tmp_path_factory: pytest.TempPathFactory) -> Target:
-    """The object detector (list contract, default image limits) on a real Context."""
-    directory = tmp_path_factory.mktemp("cost-detector")
-    build_detector(directory, "list")
-    write_detector_labels(directory)
-    ctx = make_context(directory, MANIFEST, {"handler": {"model_contract": "list"}},
-                       batch_size=8)
-    handler = SecureObjectDetector()
-    handler.initialize(ctx)
-    return Target(handler, ctx)
 
 
 def _raw(data: bytes) -> Request:
