@@ -18,7 +18,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
 from support import (
     LABELS,
@@ -28,6 +27,7 @@ from support import (
     running_server,
     script_and_save,
 )
+from support_models import AlwaysThree
 
 from secure_handler import SecureImageClassifier
 from secure_handler.cli import main
@@ -36,15 +36,6 @@ from secure_handler.deploy.tsconfig import ModelSpec
 from secure_handler.errors import IntegrityError
 from secure_handler.serving.loading import TRUST_STORE_ENV
 from secure_handler.testing import make_context
-
-
-class AlwaysThree(torch.nn.Module):
-    """The swapped-in model: always answers class 3 ("none")."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = torch.zeros(x.shape[0], 4)
-        out[:, 3] = 1.0
-        return out
 
 
 @dataclass

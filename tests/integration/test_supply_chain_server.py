@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-import torch
 from support import (
     LABELS,
     ServerInfo,
@@ -27,6 +26,7 @@ from support import (
     running_server,
     script_and_save,
 )
+from support_models import AlwaysThree
 
 from secure_handler.cli import main
 from secure_handler.deploy.launcher import http_json
@@ -34,15 +34,6 @@ from secure_handler.deploy.tsconfig import ModelSpec
 from secure_handler.serving.loading import TRUST_STORE_ENV
 
 SPEC = ModelSpec("tiny", "tiny.mar", batch_size=1)
-
-
-class AlwaysThree(torch.nn.Module):
-    """The swapped-in model: always answers class 3 ("none")."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = torch.zeros(x.shape[0], 4)
-        out[:, 3] = 1.0
-        return out
 
 
 @dataclass
