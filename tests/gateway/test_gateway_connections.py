@@ -9,6 +9,7 @@ was closed by the gateway.
 
 from __future__ import annotations
 
+import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -49,6 +50,18 @@ def _start(make_config: MakeConfig, keys: KeySet, tmp_path: Path,
 def port(make_config: MakeConfig, keys: KeySet, tmp_path: Path,
          torchserve: Upstream) -> Iterator[int]:
     yield from _start(make_config, keys, tmp_path)
+
+
+def _flood_then_read(sock: socket.socket, chunk: bytes, limit: int) -> tuple[bytes, bool]:
+    """Send `chunk` until `limit` bytes or until the gateway closes, then read its answer."""
+    sent = 0
+    try:
+        while sent < limit:
+            sock.sendall(chunk)
+            sent += len(chunk)
+    except OSError:
+        pass  # the gateway closed while we were still sending
+    return read_until_closed(sock, 10)
 
 
 def _assert_json_error(answer: Answer, status: int, code: str) -> None:
@@ -104,14 +117,8 @@ def test_a_kept_alive_connection_that_goes_silent_is_closed(port: int) -> None:
 def test_an_endless_header_section_gets_431_before_it_is_buffered(port: int) -> None:
     with connect(port) as sock:
         sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: ")
-        sent = 0
-        try:
-            while sent < 4 * 1024 * 1024:  # unfinished: no CRLF ever comes
-                sock.sendall(b"a" * 16384)
-                sent += 16384
-        except OSError:
-            pass  # the gateway closed while we were still sending
-        data, closed = read_until_closed(sock, 10)
+        # unfinished: no CRLF ever comes
+        data, closed = _flood_then_read(sock, b"a" * 16384, 4 * 1024 * 1024)
     _assert_json_error(parse(data, closed), 431, "header_fields_too_large")
 
 
@@ -141,14 +148,8 @@ def test_an_endless_trailer_value_gets_431_before_it_is_buffered(
 ) -> None:
     with connect(port) as sock:
         sock.sendall(_chunked_head(keys) + b"3\r\nabc\r\n0\r\nX-Late: ")
-        sent = 0
-        try:
-            while sent < 4 * 1024 * 1024:  # the trailer's value never ends
-                sock.sendall(b"a" * 16384)
-                sent += 16384
-        except OSError:
-            pass
-        data, closed = read_until_closed(sock, 10)
+        # the trailer's value never ends
+        data, closed = _flood_then_read(sock, b"a" * 16384, 4 * 1024 * 1024)
     _assert_json_error(parse(data, closed), 431, "header_fields_too_large")
 
 
@@ -162,14 +163,7 @@ def test_413_closes_the_connection_instead_of_reading_the_body(
     head = head.replace(b"Content-Length: 0", b"Content-Length: 50000000")
     with connect(port) as sock:
         sock.sendall(head)
-        sent = 0
-        try:
-            while sent < 8 * 1024 * 1024:
-                sock.sendall(b"\xff" * 65536)
-                sent += 65536
-        except OSError:
-            pass
-        data, closed = read_until_closed(sock, 10)
+        data, closed = _flood_then_read(sock, b"\xff" * 65536, 8 * 1024 * 1024)
     _assert_json_error(parse(data, closed), 413, "payload_too_large")
 
 
