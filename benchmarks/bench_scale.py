@@ -34,13 +34,9 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "tests"))
 sys.path.insert(1, str(HERE.parent))
 
-from scale_support import Balancer, Pod, pods, send  # noqa: E402
+from scale_support import Balancer, Pod, pods, send, tiny_store  # noqa: E402
 from support import (  # noqa: E402
-    LABELS,
-    archive_mar,
-    build_tiny_classifier,
     image_bytes,
-    write_image_handler,
 )
 
 from secure_handler.deploy.tsconfig import ModelSpec  # noqa: E402
@@ -48,16 +44,6 @@ from secure_handler.gateway.keys import generate_key  # noqa: E402
 
 RATE = {"per_second": 1_000_000, "burst": 1_000_000}
 
-
-def build_store(tmp: Path) -> Path:
-    src = tmp / "src"
-    model = build_tiny_classifier(src)
-    labels = src / "index_to_name.json"
-    labels.write_text(json.dumps(LABELS))
-    store = tmp / "store"
-    archive_mar(store, "tiny", model, write_image_handler(src), [labels],
-                {"handler": {"max_batch_size": 8}, "batchSize": 8, "maxBatchDelay": 20})
-    return store
 
 
 def drive(targets: list[Pod], key: str, clients: int, seconds: float) -> dict[str, Any]:
@@ -101,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     key = generate_key()
     with tempfile.TemporaryDirectory(prefix="bench-scale-") as tmp_name:
         tmp = Path(tmp_name)
-        store = build_store(tmp)
+        store = tiny_store(tmp)
         spec = ModelSpec("tiny", "tiny.mar", batch_size=8, max_batch_delay_ms=20)
         with pods(2, tmp, store, [spec], {"bench": {"key": key, "rate": RATE}}) as (both, _):
             drive(both, key, args.clients, min(5.0, args.seconds))  # warm-up, not counted

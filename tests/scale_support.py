@@ -9,6 +9,7 @@ TorchServe answers `/ping`) reports ready, as a Kubernetes Service does.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -24,6 +25,7 @@ from typing import Any
 
 import httpx
 import yaml
+from support import LABELS, archive_mar, build_tiny_classifier, write_image_handler
 
 from secure_handler.deploy.launcher import TorchServe, free_port
 from secure_handler.deploy.tsconfig import ModelSpec, Ports, hardened_properties, render_properties
@@ -266,3 +268,15 @@ def send(client: httpx.Client, pod: Pod, path: str, body: bytes, content_type: s
         except ValueError:
             code = "not-json"
     return Outcome(pod.name, sent, time.monotonic(), resp.status_code, code)
+
+
+def tiny_store(tmp: Path) -> Path:
+    """A model store with the tiny classifier archived for batches of 8 (pods and bench)."""
+    src = tmp / "src"
+    model = build_tiny_classifier(src)
+    labels = src / "index_to_name.json"
+    labels.write_text(json.dumps(LABELS))
+    store = tmp / "store"
+    archive_mar(store, "tiny", model, write_image_handler(src), [labels],
+                {"handler": {"max_batch_size": 8}, "batchSize": 8, "maxBatchDelay": 20})
+    return store

@@ -11,7 +11,6 @@ a round-robin balancer, sharing one real redis-server.
 
 from __future__ import annotations
 
-import json
 import threading
 import time
 from collections import Counter
@@ -21,8 +20,8 @@ from typing import Any
 
 import httpx
 import pytest
-from scale_support import Balancer, Outcome, Pod, pods, send
-from support import LABELS, archive_mar, build_tiny_classifier, image_bytes, write_image_handler
+from scale_support import Balancer, Outcome, Pod, pods, send, tiny_store
+from support import image_bytes
 
 from secure_handler.deploy.tsconfig import ModelSpec
 from secure_handler.gateway.keys import generate_key
@@ -37,13 +36,7 @@ IMAGE = image_bytes("green", fmt="PNG")
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     tmp = tmp_path_factory.mktemp("scale-out")
-    src = tmp / "src"
-    model = build_tiny_classifier(src)
-    labels = src / "index_to_name.json"
-    labels.write_text(json.dumps(LABELS))
-    store = tmp / "store"
-    archive_mar(store, "tiny", model, write_image_handler(src), [labels],
-                {"handler": {"max_batch_size": 8}, "batchSize": 8, "maxBatchDelay": 20})
+    store = tiny_store(tmp)
     keys = {"load": {"key": generate_key(), "rate": GENEROUS},
             "stingy": {"key": generate_key(), "rate": STINGY}}
     spec = ModelSpec("tiny", "tiny.mar", batch_size=8, max_batch_delay_ms=20)
