@@ -7,7 +7,8 @@ A subclass says only what makes it different (see docs/ARCHITECTURE.md):
 * `decode(payload, idx)`: payload → one item, raising a `RequestError` to refuse it;
 * `assemble(items)`: the valid items → one model input;
 * `format_outputs(outputs, items)`: the model output → one JSON-able result per item;
-* optionally `setup()` (labels, buffers) and `infer(batch)`.
+* optionally `setup()` (labels, buffers), `infer(batch)`, and `format_json(outputs, items)`:
+  the same results written straight to JSON text, for the plain path.
 
 `handle()` always returns exactly one entry per request. A refused request gets its own status
 and `{"error": {"code", "message"}}` body; its neighbours are served. If inference fails, the
@@ -16,7 +17,6 @@ valid rows get 500 (507 when out of memory) and the worker stays alive.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from abc import ABC, abstractmethod
@@ -40,16 +40,13 @@ from secure_handler.errors import (
 from secure_handler.limits import BaseLimits, build_limits
 from secure_handler.serving import loading, pin, protocol_batch
 from secure_handler.serving.metrics import StageTimer, count_rejection, escape_warnings
+from secure_handler.serving.outputs import JsonText, dumps
 
 __all__ = ["SecureBaseHandler"]
 
 logger = logging.getLogger(__name__)
 
 JSON_TYPE = "application/json"
-
-
-# One encoder for every response: json.dumps with options builds a new encoder per call.
-_dumps = json.JSONEncoder(separators=(",", ":"), allow_nan=False).encode
 
 
 class SecureBaseHandler(BaseHandler, ABC):  # type: ignore[misc]
@@ -159,6 +156,20 @@ class SecureBaseHandler(BaseHandler, ABC):  # type: ignore[misc]
     def format_outputs(self, outputs: Any, items: Sequence[Any]) -> list[Any]:
         """Turn the model output into one JSON-able result per item."""
 
+    def format_json(self, outputs: Any, items: Sequence[Any]) -> list[Any] | None:
+        """`format_outputs`' results already written as JSON text (`outputs.JsonText`, or a
+        `SecureHandlerError` for a row that has none), or None: use `format_outputs`.
+
+        Only the plain `/predictions` path asks (a protocol answer reshapes the objects). A
+        handler that overrides it must return None when a subclass overrides
+        `format_outputs`, so the user's results are the ones sent (see `_formats_own`).
+        """
+        return None
+
+    def _formats_own(self, owner: type) -> bool:
+        """True while `format_outputs` is `owner`'s own, not a subclass's override."""
+        return type(self).format_outputs is owner.format_outputs  # type: ignore[attr-defined]
+
     def infer(self, batch: Any) -> Any:
         """Run the model under `torch.inference_mode()` on the handler's device."""
         with torch.inference_mode():
@@ -196,7 +207,7 @@ class SecureBaseHandler(BaseHandler, ABC):  # type: ignore[misc]
                 valid[idx] = outcome
         timer.lap()
         if valid:
-            bodies = self._run_batch(list(valid.values()), timer)
+            bodies = self._run_batch(list(valid.values()), timer, as_json=True)
             for idx, body in zip(valid, bodies, strict=True):
                 results[idx] = self._respond(context, idx, body)
         timer.emit()
@@ -237,13 +248,18 @@ class SecureBaseHandler(BaseHandler, ABC):  # type: ignore[misc]
         finally:
             timer.add(stage, (time.perf_counter() - start) * 1000.0)
 
-    def _run_batch(self, items: list[Any], timer: StageTimer) -> list[Any]:
+    def _run_batch(self, items: list[Any], timer: StageTimer,
+                   as_json: bool = False) -> list[Any]:
+        """The items' results (`as_json`: as JSON text where the handler writes it), or each
+        item's share of the batch's failure."""
         try:
             batch = self.assemble(items)
             timer.mark("assemble")
             outputs = self.infer(batch)
             timer.mark("inference")
-            bodies = self.format_outputs(outputs, items)
+            bodies = self.format_json(outputs, items) if as_json else None
+            if bodies is None:
+                bodies = self.format_outputs(outputs, items)
             timer.mark("postprocess")
         except Exception as exc:
             failure = _batch_failure(exc)
@@ -257,7 +273,7 @@ class SecureBaseHandler(BaseHandler, ABC):  # type: ignore[misc]
         if isinstance(body, SecureHandlerError):
             return self._refuse(context, idx, body)
         try:
-            text = _dumps(body)
+            text = str.__str__(body) if isinstance(body, JsonText) else dumps(body)
         except (TypeError, ValueError) as exc:  # NaN/inf scores or a non-JSON type: this row only
             logger.error("result %d is not JSON: %s", idx, exc)
             return self._refuse(context, idx, InferenceFailed("the model's output is not JSON"))

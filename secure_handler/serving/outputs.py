@@ -1,23 +1,38 @@
-"""Output helpers shared by every handler: labels from `index_to_name.json`, softmax top-k.
+"""Output helpers shared by every handler: labels from `index_to_name.json`, softmax top-k,
+and the one JSON encoder of every answer.
 
 Kept apart from the image code so the text classifier and the detector do not import the image
 classifier to format their answers. `top_k` works on the whole batch at once: softmax, top-k and
 rounding are tensor operations, and one `tolist()` per batch hands Python its numbers.
+`TopKJson` goes one step further for the plain path: it writes each row's JSON text directly
+(the same bytes `dumps(top_k(...)[i])` gives), without building a dict per prediction and
+walking it again in the encoder; that was about a fifth of a text row's cost at batch 16.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from secure_handler.errors import ConfigurationError
+from secure_handler.errors import ConfigurationError, InferenceFailed
 
-__all__ = ["MAX_LABELS", "load_labels", "top_k"]
+__all__ = ["MAX_LABELS", "JsonText", "TopKJson", "dumps", "load_labels", "top_k"]
 
 MAX_LABELS = 100_000
+
+#: The encoder of every answer: compact, ASCII, and NaN/Infinity refused (they are not JSON).
+#: One instance: `json.dumps` with options builds a new encoder per call.
+dumps = json.JSONEncoder(separators=(",", ":"), allow_nan=False).encode
+
+
+class JsonText(str):
+    """A result already written as JSON text: the base handler sends it unchanged."""
+
+    __slots__ = ()
 
 
 def load_labels(path: Path) -> dict[int, str]:
@@ -49,13 +64,68 @@ def top_k(
     A row with non-finite logits keeps its NaN probabilities: the base handler refuses that
     row alone (its answer is not JSON), and its neighbours are served.
     """
-    probs = torch.softmax(logits.detach().to(torch.float64).cpu(), dim=1)
-    values, classes = probs.topk(min(k, probs.shape[1]), dim=1)
-    # Rounded in float64 for the whole batch: k / 10**digits lands on the double that
-    # Python's round() gives, whose repr is the short decimal a JSON encoder writes.
-    values = torch.round(values, decimals=digits)
+    values, classes = _top(logits, k, digits)
     return [
         {"predictions": [{"label": labels.get(c, str(c)), "class": c, "probability": p}
                          for p, c in zip(row_p, row_c, strict=True)]}
         for row_p, row_c in zip(values.tolist(), classes.tolist(), strict=True)
     ]
+
+
+def _top(logits: torch.Tensor, k: int, digits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    probs = torch.softmax(logits.detach().to(torch.float64).cpu(), dim=1)
+    values, classes = probs.topk(min(k, probs.shape[1]), dim=1)
+    # Rounded in float64 for the whole batch: k / 10**digits lands on the double that
+    # Python's round() gives, whose repr is the short decimal a JSON encoder writes.
+    return torch.round(values, decimals=digits), classes
+
+
+class _Heads(dict[int, str]):
+    """class → the JSON text of a prediction up to its probability, made on first use (so a
+    100,000-label file costs nothing until its classes are predicted)."""
+
+    __slots__ = ("labels",)
+
+    def __init__(self, labels: dict[int, str]) -> None:
+        super().__init__()
+        self.labels = labels
+
+    def __missing__(self, c: int) -> str:
+        head = f'{{"label":{dumps(self.labels.get(c, str(c)))},"class":{c},"probability":'
+        self[c] = head
+        return head
+
+
+class TopKJson:
+    """`top_k` as JSON text, one row per result, in one pass over the batch.
+
+    Each row is exactly `dumps(top_k(...)[i])`: the same keys in the same order, labels
+    escaped by the same encoder, and probabilities written by `float.__repr__`, which is what
+    the encoder writes for a float. A row with a non-finite probability (NaN or infinite
+    logits) is an `InferenceFailed` for that row alone, as `dumps` refusing it would be.
+    A label's text is kept from its first use; a handler that changes labels while serving
+    assigns a new map, which is noticed.
+    """
+
+    __slots__ = ("_digits", "_heads", "_k")
+
+    def __init__(self, k: int, digits: int) -> None:
+        self._heads = _Heads({})
+        self._k, self._digits = k, digits
+
+    def __call__(self, logits: torch.Tensor,
+                 labels: dict[int, str]) -> list[JsonText | InferenceFailed]:
+        if labels is not self._heads.labels:  # a handler that set a new label map
+            self._heads = _Heads(labels)
+        heads = self._heads
+        values, classes = _top(logits, self._k, self._digits)
+        rows: list[JsonText | InferenceFailed] = []
+        for row_p, row_c in zip(values.tolist(), classes.tolist(), strict=True):
+            # Probabilities lie in [0, 1], so their sum cannot overflow: it is finite exactly
+            # when every one is (a NaN or infinity carries through the sum).
+            if not math.isfinite(sum(row_p)):
+                rows.append(InferenceFailed("the model's output is not JSON (non-finite)"))
+                continue
+            items = [heads[c] + repr(p) + "}" for p, c in zip(row_p, row_c, strict=True)]
+            rows.append(JsonText('{"predictions":[' + ",".join(items) + "]}"))
+        return rows

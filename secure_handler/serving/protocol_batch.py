@@ -73,11 +73,23 @@ def plan(handler: Handler, data: list[Mapping[str, Any]]) -> list[Row] | None:
     Cheap for plain traffic: a parsed JSON body is looked up by key, raw bytes only when
     they start with `{` (image bytes and base64 never do).
     """
-    limits = handler.limits
+    plain_allowed = "torchserve" in handler.limits.protocols
+    if plain_allowed and not any(map(_may_be_protocol, data)):
+        return None  # the common case, told apart without reading any row further
     rows = [_looked_at(handler, idx, row) for idx, row in enumerate(data)]
-    if "torchserve" in limits.protocols and not any(r.protocol for r in rows):
+    if plain_allowed and not any(r.protocol for r in rows):
         return None
     return rows
+
+
+def _may_be_protocol(row: Any) -> bool:
+    """False when `row` is certainly a plain request; a row that cannot be looked at (a
+    fault in an odd mapping) goes to `_looked_at`, which deals with it without raising."""
+    try:
+        return isinstance(row, Mapping) and protocols.may_be_protocol_body(
+            row.get("body", row.get("data")))
+    except Exception:
+        return True
 
 
 def _looked_at(handler: Handler, idx: int, row: Any) -> Row:

@@ -281,6 +281,28 @@ def test_auto_split_is_measured_within_its_range(text_model: Path) -> None:
     assert unused.split_tokens == 0
 
 
+def test_auto_split_measures_with_ids_spread_over_the_vocabulary() -> None:
+    # A constant id keeps one embedding row in cache and makes positions look free (a
+    # bag-of-words model then measured 715..4096 from run to run); the process's random
+    # state is left as it was.
+    seen: list[torch.Tensor] = []
+
+    def forward(inputs: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        seen.append(inputs[0])
+        return torch.zeros(len(inputs[0]), 2)
+
+    state = torch.random.get_rng_state()
+    split = B.measure_split_tokens(forward, max_id=999)
+    assert torch.equal(torch.random.get_rng_state(), state)
+    low, high = B.SPLIT_TOKENS_RANGE
+    assert low <= split <= high
+    ids = torch.cat([t.flatten() for t in seen])
+    assert int(ids.min()) >= 0
+    assert int(ids.max()) <= 999
+    assert len(torch.unique(ids)) > 500
+    assert {tuple(t.shape) for t in seen} == {(16, 8), (16, 128)}
+
+
 def test_auto_split_falls_back_when_the_model_cannot_run(tmp_path: Path) -> None:
     # An EmbeddingBag model called with (ids, mask): every forward fails, so does the
     # measurement; the worker still starts (its batches get 500, as without buckets).
@@ -303,3 +325,10 @@ def test_split_setting_must_be_auto_or_a_count(value: object) -> None:
 
     with pytest.raises(ConfigurationError, match="bucket_split_tokens"):
         build_limits(TextClassifierLimits, {"bucket_split_tokens": value})
+
+
+def test_a_split_that_cannot_pay_is_not_searched() -> None:
+    # All the padding of one group (3 x 40 - 90 = 30 positions) is less than the price of a
+    # forward: one group, in request order, without the search.
+    assert B.plan_buckets([10, 40, 40], 30) == [[0, 1, 2]]
+    assert B.plan_buckets([10, 40, 40], 29) == [[0], [1, 2]]

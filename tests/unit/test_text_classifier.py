@@ -199,6 +199,21 @@ def test_labels_in_code_win_over_the_archive(words_dir: Path) -> None:
     assert top1(body) == "neg"
 
 
+def test_a_subclass_format_outputs_shapes_the_answer(words_dir: Path) -> None:
+    # The plain path writes JSON text straight from the logits, but only while
+    # format_outputs is the library's own: a user's override must be what is sent.
+    class Top1(SecureTextClassifier):
+        def format_outputs(self, outputs, items):
+            return [{"label": body["predictions"][0]["label"]}
+                    for body in super().format_outputs(outputs, items)]
+
+    plain, plain_ctx = make_handler(words_dir)
+    own, own_ctx = make_handler(words_dir, cls=Top1)
+    [(_, body)] = run_batch(plain, plain_ctx, [text("awful")])
+    [(status, custom)] = run_batch(own, own_ctx, [text("awful")])
+    assert (status, custom) == (200, {"label": top1(body)})
+
+
 def test_model_failure_is_a_500_for_the_valid_rows_only(words_dir: Path, tmp_path: Path) -> None:
     # The bag model called with (ids [B,T], mask) fails inside TorchScript: wrong contract.
     build_text_model(tmp_path, "bag")

@@ -21,7 +21,7 @@ from PIL import Image
 from secure_handler.errors import ConfigurationError
 from secure_handler.limits import ImageClassifierLimits
 from secure_handler.serving.image.vision import SecureVisionHandler
-from secure_handler.serving.outputs import load_labels, top_k
+from secure_handler.serving.outputs import TopKJson, load_labels, top_k
 
 __all__ = ["SecureImageClassifier"]
 
@@ -55,6 +55,7 @@ class SecureImageClassifier(SecureVisionHandler):
             self.label_map = dict(enumerate(self.labels))
         else:
             self.label_map = load_labels(model_dir / "index_to_name.json")
+        self._top_k_json = TopKJson(limits.top_k, limits.probability_digits)
         side = limits.crop_size
         # One uint8 buffer for the largest batch, reused: a worker runs one batch at a time.
         self._slots = torch.empty((limits.max_batch_size, side, side, 3), dtype=torch.uint8)
@@ -120,11 +121,22 @@ class SecureImageClassifier(SecureVisionHandler):
         return torch.addcmul(self._neg_shift, u8.permute(0, 3, 1, 2), self._scale, out=out)
 
     def format_outputs(self, outputs: Any, items: Sequence[int]) -> list[Any]:
-        if not isinstance(outputs, torch.Tensor) or outputs.dim() != 2:
-            raise TypeError("image classifier model must return logits [batch, classes]")
+        _check_logits(outputs)
         limits: ImageClassifierLimits = self.limits
         return top_k(outputs, limits.top_k, limits.probability_digits, self.label_map)
+
+    def format_json(self, outputs: Any, items: Sequence[int]) -> list[Any] | None:
+        """`format_outputs` as JSON text in one pass, unless a subclass reshapes the results."""
+        if not self._formats_own(SecureImageClassifier):
+            return None
+        _check_logits(outputs)
+        return self._top_k_json(outputs, self.label_map)
 
     def warmup_items(self) -> list[int]:
         self._slots[:1].fill_(128)
         return [0]
+
+
+def _check_logits(outputs: Any) -> None:
+    if not isinstance(outputs, torch.Tensor) or outputs.dim() != 2:
+        raise TypeError("image classifier model must return logits [batch, classes]")

@@ -95,6 +95,9 @@ def plan_buckets(lengths: Sequence[int], split_tokens: int) -> list[list[int]]:
     Minimises `padded positions + split_tokens x sub-batches` over every way of cutting the
     rows sorted by length (dynamic programming, O(rows x 64)).
     """
+    if not lengths or len(lengths) * max(lengths) - sum(lengths) <= split_tokens:
+        # Splitting cannot pay: it saves at most this much padding, and costs split_tokens.
+        return [list(range(len(lengths)))]
     order = sorted(range(len(lengths)), key=lengths.__getitem__)
     ordered = [lengths[i] for i in order]
     best = [0] * (len(ordered) + 1)  # best[j]: cost of the first j sorted rows
@@ -147,16 +150,21 @@ Forward = Callable[[tuple[torch.Tensor, torch.Tensor]], torch.Tensor]
 SPLIT_TOKENS_RANGE = (8, 4096)
 
 
-def measure_split_tokens(forward: Forward, token_id: int) -> int:
+def measure_split_tokens(forward: Forward, max_id: int) -> int:
     """The price of one more forward, in padded positions, measured once at start.
 
-    The fastest of three calls (after one that may compile) at 1 x 1 and at 4 x 32 tokens
-    gives the fixed cost of a call and the cost of a position; their ratio, within
-    `SPLIT_TOKENS_RANGE`. Only the plan depends on it, never an answer.
+    A forward is timed at 16 x 8 and at 16 x 128 tokens (the fastest of three calls each,
+    after one that may compile), with ids spread over the vocabulary as real text's are: a
+    constant id would keep the embedding rows in cache and make positions look free. The
+    difference is the cost of 1,920 positions; the narrow call less its positions is the
+    fixed cost of a call. Their ratio, within `SPLIT_TOKENS_RANGE`, is the price. Only the
+    plan depends on it, never an answer.
     """
+    generator = torch.Generator().manual_seed(0)  # the process's own random state is untouched
+
     def fastest(rows: int, width: int) -> float:
-        ids = torch.full((rows, width), token_id, dtype=torch.int64)
-        mask = torch.ones((rows, width), dtype=torch.int64)
+        ids = torch.randint(0, max_id + 1, (rows, width), generator=generator)
+        mask = torch.ones_like(ids)
         times = []
         for _ in range(4):
             start = time.perf_counter()
@@ -164,8 +172,10 @@ def measure_split_tokens(forward: Forward, token_id: int) -> int:
             times.append(time.perf_counter() - start)
         return min(times[1:])
 
-    fixed = fastest(1, 1)
-    per_position = max(fastest(4, 32) - fixed, 1e-9) / (4 * 32 - 1)
+    rows, narrow, wide = 16, 8, 128
+    narrow_time, wide_time = fastest(rows, narrow), fastest(rows, wide)
+    per_position = max(wide_time - narrow_time, 1e-9) / (rows * (wide - narrow))
+    fixed = max(narrow_time - per_position * rows * narrow, 0.0)
     low, high = SPLIT_TOKENS_RANGE
     return int(min(high, max(low, fixed / per_position)))
 

@@ -27,7 +27,7 @@ from secure_handler.limits import TextClassifierLimits
 from secure_handler.serving import envelope as payload
 from secure_handler.serving.base import SecureBaseHandler
 from secure_handler.serving.metrics import StageTimer
-from secure_handler.serving.outputs import load_labels, top_k
+from secure_handler.serving.outputs import TopKJson, load_labels, top_k
 from secure_handler.serving.text import batching, normalize
 from secure_handler.serving.text import tokenize as text
 
@@ -65,6 +65,7 @@ class SecureTextClassifier(SecureBaseHandler):
             self.label_map = dict(enumerate(self.labels))
         else:
             self.label_map = load_labels(model_dir / "index_to_name.json")
+        self._top_k_json = TopKJson(self.limits.top_k, self.limits.probability_digits)
 
     def _split_tokens(self) -> int:
         """`bucket_split_tokens`, measured on this model when `auto` (see `batching.py`)."""
@@ -75,7 +76,7 @@ class SecureTextClassifier(SecureBaseHandler):
             return 0  # no buckets are cut
         try:
             with torch.inference_mode():
-                measured = batching.measure_split_tokens(self._forward, self.tokenizer.pad_id)
+                measured = batching.measure_split_tokens(self._forward, self.tokenizer.max_id)
         except Exception as exc:  # a broken model fails its batches (500), not the worker
             logger.warning("could not measure bucket_split_tokens (%s); using %d",
                            type(exc).__name__, FALLBACK_SPLIT_TOKENS)
@@ -143,6 +144,12 @@ class SecureTextClassifier(SecureBaseHandler):
     def format_outputs(self, outputs: Any, items: Sequence[Any]) -> list[Any]:
         limits: TextClassifierLimits = self.limits
         return top_k(outputs, limits.top_k, limits.probability_digits, self.label_map)
+
+    def format_json(self, outputs: Any, items: Sequence[Any]) -> list[Any] | None:
+        """`format_outputs` as JSON text in one pass, unless a subclass reshapes the results."""
+        if not self._formats_own(SecureTextClassifier):
+            return None
+        return self._top_k_json(outputs, self.label_map)
 
     def warm_up(self) -> None:
         try:

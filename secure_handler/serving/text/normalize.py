@@ -181,6 +181,8 @@ def decode_utf8(data: bytes | bytearray) -> str:
 
 def utf8_size(text: str) -> int:
     """Bytes of `text` as UTF-8; lone surrogates (possible via JSON `\\ud800`) are refused."""
+    if text.isascii():  # a flag CPython keeps on the string: no pass over it
+        return len(text)
     try:
         return len(text.encode("utf-8"))
     except UnicodeEncodeError as exc:
@@ -220,7 +222,8 @@ def clean_text(text: str, limits: TextLimits) -> str:
     _check_chars(text, limits.max_text_chars)
     if not text.isascii():
         text = _clean_unicode(text, limits)
-    if limits.reject_control_chars:
+    # A printable text has no control character; only others need the scan that names it.
+    if limits.reject_control_chars and not text.isprintable():
         _refuse_match(_CONTROL, text, "the control character")
     return text
 
