@@ -50,7 +50,6 @@ __all__ = [
 ]
 
 JSON_TYPE = "application/json"
-PAYLOAD_KEYS = ("body", "data")
 FORM_TYPES = ("application/x-www-form-urlencoded", "multipart/form-data")
 # Surrounding whitespace tolerated around base64 (a trailing CRLF from curl or a form).
 _EDGE_WHITESPACE = 4
@@ -102,13 +101,13 @@ def extract(row: Any, headers: Mapping[str, Any] | None, raw_hint: str = "") -> 
     if type(row) is not dict and not isinstance(row, Mapping):  # the worker's rows are dicts
         raise MalformedRequest(
             f"the request is {type(row).__name__}, not a body with fields; resend it")
-    present = [k for k in PAYLOAD_KEYS if row.get(k) is not None]
-    if len(present) > 1:
+    body, data = row.get("body"), row.get("data")
+    if body is not None and data is not None:
         raise MalformedRequest(
             "the payload was sent twice (as the body and as a `data` field or query "
             "parameter); send it once"
         )
-    if not present:
+    if body is None and data is None:
         sent = _http_content_type(headers)
         if sent in FORM_TYPES:
             hint = raw_hint or "application/octet-stream"
@@ -119,8 +118,7 @@ def extract(row: Any, headers: Mapping[str, Any] | None, raw_hint: str = "") -> 
                 "field named `data`"
             )
         raise EmptyBody("the request has no body")
-    key = present[0]
-    value = row[key]
+    key, value = ("body", body) if body is not None else ("data", data)
     if isinstance(value, (bytes, bytearray, str)) and len(value) == 0:
         raise EmptyBody("the request body is empty")
     return Payload(value, _declared(headers, key))
@@ -131,13 +129,13 @@ def read(row: Any, headers: Mapping[str, Any] | None, json_limit: int, raw_hint:
     """`extract`, then JSON the worker did not parse (any spelling of the type) parsed here;
     `utf8` decodes its bytes (a text handler names bad UTF-8 as bad text)."""
     found = extract(row, headers, raw_hint)
-    value = found.value
-    if found.is_json and isinstance(value, (bytes, bytearray, str)):
+    value, is_json = found.value, found.is_json
+    if is_json and isinstance(value, (bytes, bytearray, str)):
         check_size(len(value), json_limit, "JSON body")
         if utf8 is not None and not isinstance(value, str):
             value = utf8(bytes(value))
         return Payload(parse_json(value), found.content_type)
-    if not found.is_json and not isinstance(value, (bytes, bytearray, str)):
+    if not is_json and not isinstance(value, (bytes, bytearray, str)):
         raise MalformedRequest(
             f"the body is {type(value).__name__}, which no content type produces; resend it")
     return found

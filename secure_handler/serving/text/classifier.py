@@ -76,7 +76,8 @@ class SecureTextClassifier(SecureBaseHandler):
             return 0  # no buckets are cut
         try:
             with torch.inference_mode():
-                measured = batching.measure_split_tokens(self._forward, self.tokenizer.max_id)
+                measured = batching.measure_split_tokens(self._forward, self.tokenizer.max_id,
+                                                         self.tokenizer.pad_id)
         except Exception as exc:  # a broken model fails its batches (500), not the worker
             logger.warning("could not measure bucket_split_tokens (%s); using %d",
                            type(exc).__name__, FALLBACK_SPLIT_TOKENS)
