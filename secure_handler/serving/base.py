@@ -40,7 +40,7 @@ from secure_handler.errors import (
 from secure_handler.limits import BaseLimits, build_limits
 from secure_handler.serving import loading, pin, protocol_batch
 from secure_handler.serving.metrics import StageTimer, count_rejection, escape_warnings
-from secure_handler.serving.outputs import JsonText, dumps
+from secure_handler.serving.outputs import NOT_JSON, JsonText, dumps
 
 __all__ = ["SecureBaseHandler"]
 
@@ -167,8 +167,10 @@ class SecureBaseHandler(BaseHandler, ABC):  # type: ignore[misc]
         return None
 
     def _formats_own(self, owner: type) -> bool:
-        """True while `format_outputs` is `owner`'s own, not a subclass's override."""
-        return type(self).format_outputs is owner.format_outputs  # type: ignore[attr-defined]
+        """True while `format_outputs` is `owner`'s own: not a subclass's override, and not
+        a function set on the instance."""
+        return ("format_outputs" not in vars(self)
+                and type(self).format_outputs is owner.format_outputs)  # type: ignore[attr-defined]
 
     def infer(self, batch: Any) -> Any:
         """Run the model under `torch.inference_mode()` on the handler's device."""
@@ -227,7 +229,7 @@ class SecureBaseHandler(BaseHandler, ABC):  # type: ignore[misc]
             decoded = [self._decode_row(idx, row) for idx, row in jobs]
         else:
             decoded = list(self._pool.map(lambda job: self._decode_row(*job), jobs))
-        if timer is not None:  # summed per batch: a row pays no lock and no call for it
+        if timer is not None and decoded:  # summed per batch: a row pays no timer call
             timer.add("payload", sum(row[1] for row in decoded) * 1000.0)
             timer.add("decode", sum(row[2] for row in decoded) * 1000.0)
         return [row[0] for row in decoded]
@@ -281,7 +283,7 @@ class SecureBaseHandler(BaseHandler, ABC):  # type: ignore[misc]
             text = str.__str__(body) if isinstance(body, JsonText) else dumps(body)
         except (TypeError, ValueError) as exc:  # NaN/inf scores or a non-JSON type: this row only
             logger.error("result %d is not JSON: %s", idx, exc)
-            return self._refuse(context, idx, InferenceFailed("the model's output is not JSON"))
+            return self._refuse(context, idx, InferenceFailed(NOT_JSON))
         context.set_response_status(200, "OK", idx)
         context.set_response_content_type(idx, JSON_TYPE)
         return text

@@ -47,8 +47,8 @@ class StageTimer:
     def __init__(self, context: Any) -> None:
         self._context = context
         self._last = time.perf_counter()
-        # (stage, ms) as recorded: list.append is atomic, so decode threads need no lock,
-        # and a row pays one append instead of a locked read-modify-write.
+        # (stage, ms) as recorded, summed when read: list.append is atomic under the GIL, so
+        # adding needs no lock (decode_rows sums its rows' times once per batch anyway).
         self._laps: list[tuple[str, float]] = []
 
     def add(self, stage: str, ms: float) -> None:

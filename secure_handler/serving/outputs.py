@@ -20,9 +20,12 @@ import torch
 
 from secure_handler.errors import ConfigurationError, InferenceFailed
 
-__all__ = ["MAX_LABELS", "JsonText", "TopKJson", "dumps", "load_labels", "top_k"]
+__all__ = ["MAX_LABELS", "NOT_JSON", "JsonText", "TopKJson", "dumps", "load_labels", "top_k",
+           "top_k_json"]
 
 MAX_LABELS = 100_000
+#: The message of a result that cannot be sent as JSON (its row alone gets 500).
+NOT_JSON = "the model's output is not JSON"
 
 #: The encoder of every answer: compact, ASCII, and NaN/Infinity refused (they are not JSON).
 #: One instance: `json.dumps` with options builds a new encoder per call.
@@ -101,31 +104,44 @@ class TopKJson:
 
     Each row is exactly `dumps(top_k(...)[i])`: the same keys in the same order, labels
     escaped by the same encoder, and probabilities written by `float.__repr__`, which is what
-    the encoder writes for a float. A row with a non-finite probability (NaN or infinite
-    logits) is an `InferenceFailed` for that row alone, as `dumps` refusing it would be.
-    A label's text is kept from its first use; a handler that changes labels while serving
-    assigns a new map, which is noticed.
+    the encoder writes for a float. A row that `dumps` would refuse (a non-finite probability
+    from NaN or infinite logits, or a label that is not JSON) is an `InferenceFailed` for
+    that row alone. A label's JSON is kept from its first use while the label map is the same
+    object: a handler that changes labels while serving assigns a new map.
     """
 
-    __slots__ = ("_digits", "_heads", "_k")
+    __slots__ = ("_heads",)
 
-    def __init__(self, k: int, digits: int) -> None:
+    def __init__(self) -> None:
         self._heads = _Heads({})
-        self._k, self._digits = k, digits
 
-    def __call__(self, logits: torch.Tensor,
-                 labels: dict[int, str]) -> list[JsonText | InferenceFailed]:
-        if labels is not self._heads.labels:  # a handler that set a new label map
+    def __call__(self, logits: torch.Tensor, labels: dict[int, str], k: int,
+                 digits: int) -> list[JsonText | InferenceFailed]:
+        if labels is not self._heads.labels:
             self._heads = _Heads(labels)
         heads = self._heads
-        values, classes = _top(logits, self._k, self._digits)
+        values, classes = _top(logits, k, digits)
         rows: list[JsonText | InferenceFailed] = []
         for row_p, row_c in zip(values.tolist(), classes.tolist(), strict=True):
             # Probabilities lie in [0, 1], so their sum cannot overflow: it is finite exactly
             # when every one is (a NaN or infinity carries through the sum).
-            if not math.isfinite(sum(row_p)):
-                rows.append(InferenceFailed("the model's output is not JSON (non-finite)"))
+            try:
+                if not math.isfinite(sum(row_p)):
+                    raise ValueError("non-finite probability")
+                items = [heads[c] + repr(p) + "}" for p, c in zip(row_p, row_c, strict=True)]
+            except (TypeError, ValueError):  # as dumps() refusing this row's answer
+                rows.append(InferenceFailed(NOT_JSON))
                 continue
-            items = [heads[c] + repr(p) + "}" for p, c in zip(row_p, row_c, strict=True)]
             rows.append(JsonText('{"predictions":[' + ",".join(items) + "]}"))
         return rows
+
+
+def top_k_json(handler: Any, logits: torch.Tensor) -> list[JsonText | InferenceFailed]:
+    """A classifier's `top_k` answers as JSON text: its `label_map`, `limits.top_k` and
+    `limits.probability_digits` as they are now; its `TopKJson` is made on first use (so a
+    subclass whose `setup()` does not call the library's still gets one)."""
+    answers = vars(handler).get("_top_k_json")
+    if not isinstance(answers, TopKJson):
+        answers = handler._top_k_json = TopKJson()
+    limits = handler.limits
+    return answers(logits, handler.label_map, limits.top_k, limits.probability_digits)

@@ -26,14 +26,14 @@ def test_json_text_is_byte_for_byte_the_encoded_objects(rows: int, classes: int,
     values = data.draw(st.lists(LOGITS, min_size=rows * classes, max_size=rows * classes))
     logits = torch.tensor(values, dtype=torch.float32).view(rows, classes)
     expected = [dumps(body) for body in top_k(logits, k, digits, labels)]
-    got = TopKJson(k, digits)(logits, labels)
+    got = TopKJson()(logits, labels, k, digits)
     assert got == expected
     assert all(type(text) is JsonText for text in got)
 
 
 def test_a_non_finite_row_is_refused_alone() -> None:
     logits = torch.tensor([[1.0, 2.0], [math.nan, 0.0], [math.inf, 0.0], [3.0, -math.inf]])
-    got = TopKJson(2, 4)(logits, {0: "a", 1: "b"})
+    got = TopKJson()(logits, {0: "a", 1: "b"}, 2, 4)
     assert isinstance(got[1], InferenceFailed)
     assert isinstance(got[2], InferenceFailed)
     assert json.loads(got[0]) == top_k(logits[:1], 2, 4, {0: "a", 1: "b"})[0]
@@ -42,7 +42,16 @@ def test_a_non_finite_row_is_refused_alone() -> None:
 
 
 def test_a_new_label_map_is_noticed() -> None:
-    answers = TopKJson(1, 2)
+    answers = TopKJson()
     logits = torch.tensor([[0.0, 5.0]])
-    assert json.loads(answers(logits, {1: "old"})[0])["predictions"][0]["label"] == "old"
-    assert json.loads(answers(logits, {1: "new"})[0])["predictions"][0]["label"] == "new"
+    assert json.loads(answers(logits, {1: "old"}, 1, 2)[0])["predictions"][0]["label"] == "old"
+    assert json.loads(answers(logits, {1: "new"}, 1, 2)[0])["predictions"][0]["label"] == "new"
+
+
+def test_a_label_that_is_not_json_fails_only_the_rows_that_predict_it() -> None:
+    # Labels set in code are not validated; dumps() refused such a row alone, and so does
+    # the one-pass writer.
+    logits = torch.tensor([[0.0, 5.0], [5.0, 0.0]])
+    got = TopKJson()(logits, {0: "fine", 1: float("nan")}, 1, 2)  # type: ignore[dict-item]
+    assert isinstance(got[0], InferenceFailed)
+    assert json.loads(got[1])["predictions"][0]["label"] == "fine"

@@ -311,7 +311,7 @@ def test_auto_split_measures_the_real_path_with_ids_spread_over_the_vocabulary()
         return torch.zeros(len(inputs[0]), 2)
 
     state = torch.random.get_rng_state()
-    split = B.measure_split_tokens(forward, max_id=999, pad_id=0)
+    split = B.measure_split_tokens(forward, max_id=999, pad_id=0, max_tokens=512)
     assert torch.equal(torch.random.get_rng_state(), state)
     low, high = B.SPLIT_TOKENS_RANGE
     assert low <= split <= high
@@ -320,6 +320,20 @@ def test_auto_split_measures_the_real_path_with_ids_spread_over_the_vocabulary()
     assert int(ids.max()) <= 999
     assert len(torch.unique(ids)) > 500
     assert {tuple(t.shape) for t in seen} == {(16, 8), (8, 8), (8, 9), (16, 128)}
+
+
+def test_auto_split_probes_no_wider_than_max_tokens() -> None:
+    # A model with 64 positions (max_tokens 64) must be measured, not fail on 128 tokens.
+    widths: list[int] = []
+
+    def forward(inputs: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        widths.append(inputs[0].shape[1])
+        return torch.zeros(len(inputs[0]), 2)
+
+    B.measure_split_tokens(forward, max_id=99, pad_id=0, max_tokens=64)
+    assert set(widths) == {4, 5, 64}
+    low, high = B.SPLIT_TOKENS_RANGE
+    assert B.measure_split_tokens(forward, max_id=99, pad_id=0, max_tokens=1) == high
 
 
 def test_auto_split_falls_back_when_the_model_cannot_run(tmp_path: Path) -> None:

@@ -212,6 +212,19 @@ def test_a_subclass_format_outputs_shapes_the_answer(words_dir: Path) -> None:
     [(_, body)] = run_batch(plain, plain_ctx, [text("awful")])
     [(status, custom)] = run_batch(own, own_ctx, [text("awful")])
     assert (status, custom) == (200, {"label": top1(body)})
+    # ... and so must a function set on the instance.
+    plain.format_outputs = lambda outputs, items: [{"mine": True}] * len(items)
+    assert run_batch(plain, plain_ctx, [text("awful")]) == [(200, {"mine": True})]
+
+
+def test_labels_and_limits_are_read_when_answering(words_dir: Path) -> None:
+    handler, ctx = make_handler(words_dir)
+    run_batch(handler, ctx, [text("awful")])  # the one-pass writer now holds the old labels
+    handler.label_map = {0: "a", 1: "b", 2: "c"}
+    handler.limits = handler.limits.model_copy(update={"top_k": 1})
+    [(status, body)] = run_batch(handler, ctx, [text("awful")])
+    assert (status, body) == (200, {"predictions": [
+        {"label": "b", "class": 1, "probability": body["predictions"][0]["probability"]}]})
 
 
 def test_model_failure_is_a_500_for_the_valid_rows_only(words_dir: Path, tmp_path: Path) -> None:

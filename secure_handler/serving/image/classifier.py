@@ -21,7 +21,7 @@ from PIL import Image
 from secure_handler.errors import ConfigurationError
 from secure_handler.limits import ImageClassifierLimits
 from secure_handler.serving.image.vision import SecureVisionHandler
-from secure_handler.serving.outputs import TopKJson, load_labels, top_k
+from secure_handler.serving.outputs import load_labels, top_k, top_k_json
 
 __all__ = ["SecureImageClassifier"]
 
@@ -55,7 +55,6 @@ class SecureImageClassifier(SecureVisionHandler):
             self.label_map = dict(enumerate(self.labels))
         else:
             self.label_map = load_labels(model_dir / "index_to_name.json")
-        self._top_k_json = TopKJson(limits.top_k, limits.probability_digits)
         side = limits.crop_size
         # One uint8 buffer for the largest batch, reused: a worker runs one batch at a time.
         self._slots = torch.empty((limits.max_batch_size, side, side, 3), dtype=torch.uint8)
@@ -130,7 +129,7 @@ class SecureImageClassifier(SecureVisionHandler):
         if not self._formats_own(SecureImageClassifier):
             return None
         _check_logits(outputs)
-        return self._top_k_json(outputs, self.label_map)
+        return top_k_json(self, outputs)
 
     def warmup_items(self) -> list[int]:
         self._slots[:1].fill_(128)

@@ -5,16 +5,17 @@ Three layouts of the same rows (`handler.padding`):
 * `bucketed` (default): the rows sorted by length and cut into sub-batches of similar length,
   one forward each. A cut is made where it saves more padded positions than
   `bucket_split_tokens`, the price of one more forward (a dynamic-programming split of the
-  sorted lengths). With `auto` that price is measured once at start
-  (`measure_split_tokens`): a Transformer's forward is worth about ten positions, a
-  bag-of-words model's over a thousand. After that, the plan depends only on the lengths;
+  sorted lengths, O(rows)). With `auto` that price is measured once at start on the real
+  path (`measure_split_tokens`): a small Transformer's forward is worth about 25 positions,
+  a bag-of-words model's 2,000 to the 4,096 cap, so bag-of-words batches are rarely cut.
+  After that, the plan depends only on the lengths;
 * `longest`: one batch padded to its longest row (dynamic padding);
 * `max_tokens`: one batch padded to `max_tokens` (for models traced at a fixed length).
 
 A `bag` model (`nn.EmbeddingBag`) has no padding: one flat id tensor and the row offsets.
 
 Padding is built in one step per sub-batch (one comparison for the mask, one masked write for
-the ids), never by a loop over rows; `scatter_logits()` puts each sub-batch's logits back in
+the ids), never by a loop over rows; `run_parts()` puts each sub-batch's logits back in
 its rows' places, so every answer matches what the row gets when sent alone.
 """
 
@@ -92,7 +93,9 @@ def plan_buckets(lengths: Sequence[int], split_tokens: int) -> list[list[int]]:
     rows sorted by length: a dynamic programme whose inner minimum is kept on a convex hull
     of lines, so a batch costs O(rows), not O(rows^2) (32 rows went from ~110 us to ~20).
     """
-    if not lengths or len(lengths) * max(lengths) - sum(lengths) <= split_tokens:
+    if not lengths:
+        return []
+    if len(lengths) * max(lengths) - sum(lengths) <= split_tokens:
         # Splitting cannot pay: it saves at most this much padding, and costs split_tokens.
         return [list(range(len(lengths)))]
     order = sorted(range(len(lengths)), key=lengths.__getitem__)
@@ -180,37 +183,46 @@ Forward = Callable[[tuple[torch.Tensor, torch.Tensor]], torch.Tensor]
 SPLIT_TOKENS_RANGE = (8, 4096)
 
 
-def measure_split_tokens(forward: Forward, max_id: int, pad_id: int) -> int:
+def measure_split_tokens(forward: Forward, max_id: int, pad_id: int,
+                         max_tokens: int = 128) -> int:
     """The price of one more forward, in padded positions, measured once at start.
 
     Three batches of 16 rows go through the real path (`build_batch` and `run_parts`):
-    one part of 16 x 8 tokens, the same rows cut into two parts, and one part of 16 x 128.
-    The second less the first is the price of a part (the forward's fixed cost and the
-    padding, scatter and dispatch around it); the third less the first is the cost of 1,920
-    positions. The ids are spread over the vocabulary as real text's are (a constant id keeps
-    one embedding row in cache and makes positions look free). Each batch is timed eight
-    times, interleaved, and the fastest time counts: a machine that slows for a moment slows
-    all three alike. The ratio, within `SPLIT_TOKENS_RANGE`, is the price. Only the plan
-    depends on it, never an answer.
+    one part of 16 x N tokens, the same rows cut into two parts, and one part of 16 x W,
+    where W is 128 (or `max_tokens`, if smaller) and N = W / 16. The second less the first
+    is the price of a part (the forward's fixed cost and the padding, scatter and dispatch
+    around it); the third less the first is the cost of 16 x (W - N) positions. The ids are
+    spread over the vocabulary as real text's are (a constant id keeps one embedding row in
+    cache and makes positions look free). The three are timed in turn, up to eight times (at
+    least three; no more once a second has passed, for a large model), and the fastest time
+    of each counts: a machine that slows for a moment slows all three alike. The ratio,
+    within `SPLIT_TOKENS_RANGE`, is the price. Only the plan depends on it, never an answer.
     """
+    low, high = SPLIT_TOKENS_RANGE
+    wide = min(128, max_tokens)
+    narrow = max(1, wide // 16)
+    if wide <= narrow:
+        return high  # rows of a token or two: there is no padding to save
     generator = torch.Generator().manual_seed(0)  # the process's own random state is untouched
 
     def rows(count: int, width: int) -> list[Ids]:
         return list(torch.randint(0, max_id + 1, (count, width), generator=generator).numpy())
 
-    narrow, wide = rows(16, 8), rows(16, 128)
-    cut = narrow[:8] + [np.append(row, row[:1]) for row in narrow[8:]]  # 8 x 8 and 8 x 9
-    batches = {  # price 0 makes the one cut that saves positions: 8 x 8 and 8 x 9
-        "one": (narrow, "longest"), "two": (cut, "bucketed"), "wide": (wide, "longest")}
+    short, long = rows(16, narrow), rows(16, wide)
+    cut = short[:8] + [np.append(row, row[:1]) for row in short[8:]]  # 8 x N and 8 x N+1
+    batches = {  # price 0 makes the one cut that saves positions: 8 x N and 8 x N+1
+        "one": (short, "longest"), "two": (cut, "bucketed"), "wide": (long, "longest")}
     fastest = dict.fromkeys(batches, float("inf"))
-    for _ in range(8):
+    began = time.perf_counter()
+    for turn in range(8):
         for name, (items, layout) in batches.items():
             start = time.perf_counter()
-            run_parts(build_batch(items, layout, pad_id, 128, 0), forward)
+            run_parts(build_batch(items, layout, pad_id, wide, 0), forward)
             fastest[name] = min(fastest[name], time.perf_counter() - start)
-    per_position = max(fastest["wide"] - fastest["one"], 1e-9) / (16 * (128 - 8))
+        if turn >= 2 and time.perf_counter() - began > 1.0:
+            break
+    per_position = max(fastest["wide"] - fastest["one"], 1e-9) / (16 * (wide - narrow))
     price = max(fastest["two"] - fastest["one"], 0.0) / per_position
-    low, high = SPLIT_TOKENS_RANGE
     return int(min(high, max(low, price)))
 
 

@@ -27,14 +27,14 @@ from secure_handler.limits import TextClassifierLimits
 from secure_handler.serving import envelope as payload
 from secure_handler.serving.base import SecureBaseHandler
 from secure_handler.serving.metrics import StageTimer
-from secure_handler.serving.outputs import TopKJson, load_labels, top_k
+from secure_handler.serving.outputs import load_labels, top_k, top_k_json
 from secure_handler.serving.text import batching, normalize
 from secure_handler.serving.text import tokenize as text
 
 __all__ = ["SecureTextClassifier"]
 
 JSON_TYPE = "application/json"
-#: `bucket_split_tokens` when `auto` cannot measure (the model fails on a 1 x 1 input).
+#: `bucket_split_tokens` when `auto` cannot measure (the model fails on the probe batches).
 FALLBACK_SPLIT_TOKENS = 256
 
 logger = logging.getLogger(__name__)
@@ -65,7 +65,6 @@ class SecureTextClassifier(SecureBaseHandler):
             self.label_map = dict(enumerate(self.labels))
         else:
             self.label_map = load_labels(model_dir / "index_to_name.json")
-        self._top_k_json = TopKJson(self.limits.top_k, self.limits.probability_digits)
 
     def _split_tokens(self) -> int:
         """`bucket_split_tokens`, measured on this model when `auto` (see `batching.py`)."""
@@ -76,8 +75,8 @@ class SecureTextClassifier(SecureBaseHandler):
             return 0  # no buckets are cut
         try:
             with torch.inference_mode():
-                measured = batching.measure_split_tokens(self._forward, self.tokenizer.max_id,
-                                                         self.tokenizer.pad_id)
+                measured = batching.measure_split_tokens(
+                    self._forward, self.tokenizer.max_id, self.tokenizer.pad_id, limits.max_tokens)
         except Exception as exc:  # a broken model fails its batches (500), not the worker
             logger.warning("could not measure bucket_split_tokens (%s); using %d",
                            type(exc).__name__, FALLBACK_SPLIT_TOKENS)
@@ -150,7 +149,7 @@ class SecureTextClassifier(SecureBaseHandler):
         """`format_outputs` as JSON text in one pass, unless a subclass reshapes the results."""
         if not self._formats_own(SecureTextClassifier):
             return None
-        return self._top_k_json(outputs, self.label_map)
+        return top_k_json(self, outputs)
 
     def warm_up(self) -> None:
         try:
