@@ -29,6 +29,7 @@ from secure_handler.errors import (
     TooManyInstances,
 )
 from secure_handler.limits import RequestProtocol
+from secure_handler.serving.envelope import MAX_JSON_ITEMS, json_items
 
 __all__ = [
     "PROTOCOLS",
@@ -45,9 +46,12 @@ __all__ = [
 Protocol = RequestProtocol
 PROTOCOLS: tuple[Protocol, ...] = ("torchserve", "kserve_v1", "oip_v2")
 
-# An object, after optional leading whitespace: image bytes and base64 text never start so.
-_OBJECT_START = re.compile(rb"[ \t\r\n]*\{")
-_OBJECT_START_TEXT = re.compile(r"[ \t\r\n]*\{")
+# An object, after an optional byte-order mark and whitespace: image bytes and base64 text
+# never start so. (A BOM is then refused: the plain path's JSON reader refuses it too.)
+_OBJECT_START = re.compile(rb"(?:\xef\xbb\xbf)?[ \t\r\n]*\{")
+_OBJECT_START_TEXT = re.compile("\ufeff?[ \t\r\n]*\\{")
+#: Digits an integer in a protocol body may have (Python's own limit, 4,300, is a ValueError).
+_MAX_INT_DIGITS = 64
 # `model_name` is not OIP's, but KServe's own client sends it.
 _V2_KEYS = frozenset({"id", "model_name", "parameters", "inputs", "outputs"})
 _V2_TENSOR_KEYS = frozenset({"name", "shape", "datatype", "data", "parameters"})
@@ -94,7 +98,13 @@ def find_protocol_body(value: Any, headers: Mapping[str, Any] | None,
     size = len(value) if len(value) > max_body else len(_as_bytes(value))
     if size > max_body:
         raise PayloadTooLarge(f"JSON body is {size} bytes; the limit is {max_body} bytes")
-    return _strict_protocol_object(_as_bytes(value))
+    text = _strict_utf8(value)
+    if text is None or json_items(text) > MAX_JSON_ITEMS:
+        # Not UTF-8 JSON, or more items than are parsed anywhere (a 14 MB body of `{}` would
+        # cost 3 s and 350 MB): a plain body, whose own reader refuses it as JSON or reads it
+        # as what it is (text, image bytes), cheaply either way.
+        return None
+    return _strict_protocol_object(text)
 
 
 def may_be_protocol_body(value: Any) -> bool:
@@ -114,11 +124,30 @@ def _as_bytes(value: str | bytes | bytearray) -> bytes | bytearray:
     return value.encode("utf-8", "surrogatepass") if isinstance(value, str) else value
 
 
-def _strict_protocol_object(raw: bytes | bytearray) -> dict[str, Any] | None:
+def _strict_utf8(value: str | bytes | bytearray) -> str | None:
+    """The body as text when it is strict UTF-8 (no lone surrogates), else None.
+
+    Decoded here, never by `json.loads(bytes)`, which guesses UTF-16 and UTF-32 where the
+    plain path's reader accepts only UTF-8."""
+    try:
+        if isinstance(value, str):
+            value.encode("utf-8")
+            return value
+        return bytes(value).decode("utf-8")
+    except UnicodeError:
+        return None
+
+
+def _strict_protocol_object(text: str) -> dict[str, Any] | None:
     """Parse; None when it is not a JSON object with a protocol key (a plain body). A
-    protocol body with a key twice or NaN/Infinity is refused: json.loads would silently keep
-    the last key and accept the constants."""
+    protocol body with a key twice, NaN/Infinity, an integer of more than 64 digits or a
+    leading byte-order mark is refused: json.loads would silently keep the last key, accept
+    the constants, fail on a 4,301-digit integer as if the body were not JSON, and the plain
+    path's reader refuses a BOM."""
     problems: list[str] = []
+    if text.startswith("\ufeff"):
+        problems.append("a byte-order mark before it")
+        text = text[1:]
 
     def pairs(items: list[tuple[str, Any]]) -> dict[str, Any]:
         if len({k for k, _ in items}) != len(items):
@@ -129,10 +158,19 @@ def _strict_protocol_object(raw: bytes | bytearray) -> dict[str, Any] | None:
         problems.append(name)
         return 0.0
 
+    def integer(digits: str) -> int:
+        if len(digits.lstrip("-")) > _MAX_INT_DIGITS:
+            problems.append(f"an integer of more than {_MAX_INT_DIGITS} digits")
+            return 0
+        return int(digits)
+
     try:
-        parsed = json.loads(raw, object_pairs_hook=pairs, parse_constant=constant)
+        parsed = json.loads(text, object_pairs_hook=pairs, parse_constant=constant,
+                            parse_int=integer)
     except (ValueError, RecursionError):
-        return None  # not JSON: a plain body; the handler's own checks answer it
+        # Not JSON, or deeper than the parser goes (so not known to be a protocol body): a
+        # plain body; the handler's own checks answer it.
+        return None
     if not (isinstance(parsed, dict) and _is_protocol_object(parsed)):
         return None
     if problems:
@@ -186,7 +224,7 @@ def _parse_v2(obj: Mapping[str, Any], max_instances: int, model_name: str) -> Pr
     _only_keys(obj, _V2_KEYS, "a v2 inference request")
     named = obj.get("model_name", model_name)
     if named != model_name:
-        raise MalformedRequest(f'"model_name" {str(named)[:_MAX_NAME_CHARS]!r} is not this '
+        raise MalformedRequest(f'"model_name" {_brief(named, _MAX_NAME_CHARS)} is not this '
                                f"model ({model_name!r})")
     request_id = obj.get("id")
     if request_id is not None and not (isinstance(request_id, str)
@@ -217,7 +255,7 @@ def _v2_tensor_data(tensor: Any, max_instances: int) -> list[str]:
     if tensor["datatype"] != "BYTES":
         raise MalformedRequest(
             f'input datatype must be "BYTES" (base64 images or UTF-8 text); '
-            f"got {str(tensor['datatype'])[:20]!r}")
+            f"got {_brief(tensor['datatype'], 20)}")
     data, shape = tensor["data"], tensor["shape"]
     if not isinstance(data, list) or not data:
         raise MalformedRequest('input "data" must be a non-empty flat array of strings')
@@ -370,3 +408,9 @@ def error_json(err: SecureHandlerError) -> str:
     (in the message, for clients that show only it, and as a field, for programs)."""
     return json.dumps({"error": f"[{err.code}] {err.message}", "code": err.code},
                       separators=(",", ":"))
+
+
+def _brief(value: Any, limit: int) -> str:
+    """A client's value for an error message: a string cut to `limit`, else its JSON kind
+    (never `str()` of a nested value, which recurses as deep as the client nested it)."""
+    return repr(value[:limit]) if isinstance(value, str) else _kind(value)
