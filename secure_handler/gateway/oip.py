@@ -28,12 +28,14 @@ from typing import Any
 from secure_handler.errors import (
     MalformedRequest,
     ModelNotFound,
+    PayloadTooLarge,
     SecureHandlerError,
     UnsupportedMediaType,
     UpstreamError,
 )
 from secure_handler.gateway.app import Answer, Call, Gateway
 from secure_handler.gateway.routing import Route
+from secure_handler.limits import MAX_JSON_ITEMS, json_items
 
 __all__ = ["oip_routes", "protocol_body", "protocol_error"]
 
@@ -169,10 +171,17 @@ def _check_json_type(headers: dict[str, str]) -> None:
 
 def _check_envelope(body: bytes, key_field: str) -> None:
     """The body is a JSON object with the route's protocol key (and not the other's), so a
-    plain body cannot ride a protocol route and come back in another shape."""
+    plain body cannot ride a protocol route and come back in another shape. Strict UTF-8,
+    and counted before it is parsed, as in the worker: a body of millions of tiny items
+    would hold the event loop for seconds."""
+    items = json_items(body)
+    if items > MAX_JSON_ITEMS:
+        raise PayloadTooLarge(
+            f"the JSON body holds about {items} objects, arrays and elements; the limit is "
+            f"{MAX_JSON_ITEMS}: send fewer or smaller instances")
     try:
-        parsed = json.loads(body)
-    except (ValueError, RecursionError) as exc:
+        parsed = json.loads(body.decode("utf-8"))
+    except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
         raise MalformedRequest("the body is not valid JSON") from exc
     other = "instances" if key_field == "inputs" else "inputs"
     if not isinstance(parsed, dict) or key_field not in parsed or other in parsed:

@@ -35,11 +35,11 @@ from secure_handler.errors import (
     MalformedRequest,
     PayloadTooLarge,
 )
+from secure_handler.limits import MAX_JSON_ITEMS, json_items
 
 __all__ = [
     "JSON_TYPE",
     "Payload",
-    "MAX_JSON_ITEMS",
     "b64_limit",
     "binary_payload",
     "check_json_items",
@@ -47,7 +47,6 @@ __all__ = [
     "decode_base64",
     "extract",
     "json_field",
-    "json_items",
     "parse_json",
     "read",
 ]
@@ -155,18 +154,6 @@ def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 
 def _no_constant(name: str) -> Any:
     raise MalformedRequest(f"JSON body holds {name}, which is not JSON")
-
-
-#: The most objects, arrays and elements (counted as `{`, `[` and `,`, inside strings too) a
-#: JSON body may hold before it is parsed: it bounds the parser's work and memory (a 14 MB
-#: body of `{}` is 4.7 million dicts: 3 s and 350 MB with the duplicate-key hook), far above
-#: what a request of a few fields or instances needs.
-MAX_JSON_ITEMS = 65_536
-
-
-def json_items(text: str) -> int:
-    """An upper bound on the containers and values `text` parses into (three C scans)."""
-    return text.count("{") + text.count("[") + text.count(",")
 
 
 def check_json_items(text: str) -> None:

@@ -28,8 +28,7 @@ from secure_handler.errors import (
     SecureHandlerError,
     TooManyInstances,
 )
-from secure_handler.limits import RequestProtocol
-from secure_handler.serving.envelope import MAX_JSON_ITEMS, json_items
+from secure_handler.limits import MAX_JSON_ITEMS, RequestProtocol, json_items
 
 __all__ = [
     "PROTOCOLS",

@@ -13,10 +13,13 @@ from gateway_support import KeySet, MakeConfig, Upstream, serve_gateway
 pytestmark = pytest.mark.integration
 
 
+KEYS: dict[str, str] = {}
+
+
 @pytest.fixture
 def url(make_config: MakeConfig, torchserve: Upstream) -> Iterator[str]:
     keys = KeySet()
-    keys.add("infer", ["inference"], ["tiny"])
+    KEYS["infer"] = keys.add("infer", ["inference"], ["tiny"])
     with serve_gateway(make_config(keys)) as base:
         yield base
 
@@ -34,3 +37,22 @@ def test_v2_infer_refusals_are_in_the_protocol_shape(url: str) -> None:
                               "code": "unauthorized"}
     assert refused.headers["www-authenticate"] == "Bearer"
     assert refused.headers["x-request-id"]
+
+
+def test_a_flood_of_tiny_json_items_is_413_before_the_gateway_parses_it(url: str) -> None:
+    # 3 MB of `{}` is under the byte limit but a million dicts to parse, holding the event
+    # loop: counted first (as in the worker), refused in the protocol's shape.
+    body = b'{"instances": [' + b",".join([b"{}"] * 1_000_000) + b"]}"
+    refused = httpx.post(url + "/v1/models/tiny:predict", content=body, timeout=30,
+                         headers={"Authorization": f"Bearer {KEYS['infer']}",
+                                  "Content-Type": "application/json"})
+    assert refused.status_code == 413
+    assert refused.json()["code"] == "payload_too_large"
+
+
+def test_json_that_is_not_utf8_is_400_at_the_gateway(url: str) -> None:
+    # json.loads(bytes) would guess UTF-16; the worker reads only UTF-8.
+    body = '{"instances": ["x"]}'.encode("utf-16-le")
+    refused = httpx.post(url + "/v1/models/tiny:predict", content=body,
+                         headers={"Authorization": f"Bearer {KEYS['infer']}"})
+    assert (refused.status_code, refused.json()["code"]) == (400, "malformed_request")
