@@ -32,7 +32,12 @@ from secure_handler.errors import (
     UnexpectedResponse,
 )
 from secure_handler.keyfile import read_key_file
-from secure_handler.limits import DEFAULT_MAX_REQUEST_BYTES, DEFAULT_MAX_RESPONSE_BYTES
+from secure_handler.limits import (
+    DEFAULT_MAX_REQUEST_BYTES,
+    DEFAULT_MAX_RESPONSE_BYTES,
+    MAX_JSON_ITEMS,
+    json_items,
+)
 
 if TYPE_CHECKING:
     import httpx
@@ -184,9 +189,12 @@ class ClientBase:
     def _result(self, status: int, body: bytes, headers: Mapping[str, str]) -> Any:
         if not 200 <= status < 300:  # redirects are not followed: a 3xx is an error too
             raise_for(status, body, headers)
+        if json_items(body) > MAX_JSON_ITEMS:  # parsing it could cost seconds and GBs
+            raise UnexpectedResponse(f"HTTP {status} with a JSON body of more than "
+                                     f"{MAX_JSON_ITEMS} items ({len(body)} bytes)")
         try:
             return json.loads(body)
-        except ValueError:
+        except (ValueError, RecursionError):
             raise UnexpectedResponse(f"HTTP {status} with a body that is not JSON "
                                      f"({len(body)} bytes)") from None
 

@@ -21,6 +21,7 @@ from secure_handler.errors import (
     UnexpectedResponse,
     error_class,
 )
+from secure_handler.limits import MAX_JSON_ITEMS, json_items
 
 if TYPE_CHECKING:
     pass
@@ -99,9 +100,13 @@ def retryable_answer(status: int, body: bytes) -> bool:
 
 
 def json_or_none(body: bytes) -> Any:
+    """The body's JSON, or None when it is not JSON, too deep, or holds more items than
+    `MAX_JSON_ITEMS` (an answer is not allowed to cost the client seconds to parse)."""
+    if json_items(body) > MAX_JSON_ITEMS:
+        return None
     try:
         return json.loads(body)
-    except ValueError:
+    except (ValueError, RecursionError):
         return None
 
 

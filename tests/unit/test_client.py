@@ -217,6 +217,25 @@ def test_torchserve_errors_and_unknown_shapes(server: tuple[Scripted, str]) -> N
             c.predict("moved", b"x")
 
 
+def test_an_answer_too_costly_to_parse_is_unexpected(server: tuple[Scripted, str]) -> None:
+    # A hostile or broken server: a million tiny items (seconds and hundreds of MB for
+    # json.loads) or nesting deeper than the parser goes (RecursionError) must end as the
+    # typed error, cheaply, never as an unhandled exception.
+    script, url = server
+    flood = b"[" + b",".join([b"{}"] * 1_000_000) + b"]"
+    deep = b"[" * 5000 + b"]" * 5000
+    script.route("POST", "/predictions/flood", Answer(200, flood))
+    script.route("POST", "/predictions/deep", Answer(200, deep))
+    script.route("POST", "/predictions/flood-error", Answer(400, flood))
+    with client(url) as c:
+        with pytest.raises(UnexpectedResponse, match="more than 65536 items"):
+            c.predict("flood", b"x")
+        with pytest.raises(UnexpectedResponse, match="not JSON"):
+            c.predict("deep", b"x")
+        with pytest.raises(UnexpectedResponse, match="HTTP 400"):
+            c.predict("flood-error", b"x")
+
+
 def test_503_is_retried_with_backoff_then_succeeds(server: tuple[Scripted, str]) -> None:
     script, url = server
     busy = Answer(503, errors.error_body("batch_limit_exceeded", "busy"), {"Retry-After": "0"})
