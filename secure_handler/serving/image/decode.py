@@ -73,10 +73,13 @@ class Opened:
 
 def open_image(data: bytes | bytearray, fmt: str, limits: ImageLimits) -> Opened:
     """Structural walk, then a lazy open with only `fmt` allowed; nothing is decoded yet."""
-    header = read_header(data, fmt, limits)
+    try:
+        header = read_header(data, fmt, limits)
+        orientation = exif.orientation(header.exif, limits)
+    except (struct.error, IndexError) as exc:  # a structure that ends before its fields do
+        raise InvalidImage(f"the {fmt} image's structure is cut short: {exc}") from exc
     if header.size is not None:
         check_size(header.size, limits)
-    orientation = exif.orientation(header.exif, limits)
     try:
         img = Image.open(io.BytesIO(data), formats=(fmt,))
         check_size(img.size, limits)  # the authoritative size, for every format

@@ -116,6 +116,7 @@ class _JpegWalk:
 
     def run(self) -> Header:
         data, end, pos = self.data, len(self.data), 2
+        self._no_long_fill()
         while pos < end:
             pos = self._skip_fill(pos)
             if pos + 1 >= end:
@@ -149,6 +150,17 @@ class _JpegWalk:
                     break
                 pos = found.start()
         return self._header()
+
+    def _no_long_fill(self) -> None:
+        """No run of 0xFF longer than the fill cap anywhere, scan data included: entropy data
+        never holds two 0xFF in a row (each is followed by a stuffed 0x00), and libjpeg does
+        not consume a run while it skips it, so Pillow feeds it the growing buffer again and
+        again (a 10 MB run: 160 decoder calls re-reading 844 MB, about 1 s). One C search."""
+        limit = self.limits.max_jpeg_fill_bytes
+        found = self.data.find(b"\xff" * (limit + 2), 2)
+        if found >= 0:
+            raise _over(f"a run of more than {limit + 1} 0xFF fill bytes at {found}:",
+                        limit + 2, limit, "max_jpeg_fill_bytes")
 
     def _skip_fill(self, pos: int) -> int:
         """Move past fill bytes (and junk bytes, which Pillow skips one by one) to a marker."""
@@ -245,7 +257,7 @@ class _PngWalk:
 
     def __init__(self, data: bytes | bytearray, limits: ImageLimits) -> None:
         self.data, self.limits = data, limits
-        self.chunks = self.ancillary = self.ancillary_bytes = self.stream = 0
+        self.chunks = self.ancillary = self.ancillary_bytes = self.stream = self.idat = 0
         self.size: ImageSize | None = None
         self.exif: bytes | None = None
 
@@ -264,15 +276,35 @@ class _PngWalk:
                 break  # cut inside a chunk: the decoder reports it as truncated
             if kind == b"IEND":
                 break  # what follows IEND is never decoded
-            if kind == b"IHDR" and self.size is None and length >= 10:
+            if kind == b"IHDR":
                 self._ihdr(body, length)
+            elif kind == b"IDAT":
+                self.idat += length
             elif kind[0] & 0x20 and kind not in _PIXEL_CHUNKS:  # lower-case first letter
                 self._ancillary(kind, body, length)
         if self.size is None:
             raise InvalidImage("PNG has no image header (IHDR)")
+        self._idat_fits()
         return Header("PNG", self.size, self.exif, stream=self.stream)
 
+    def _idat_fits(self) -> None:
+        """Image data no larger than its pixels could need: deflate adds at most 5 bytes per
+        65,535 stored, so more is padding, such as empty dynamic-Huffman blocks for which
+        zlib rebuilds its tables every 11 bytes (10 MB on a 64x48 image: 1.5 s to inflate).
+        Padding within this bound on a large image remains: see the README's cost notes."""
+        bound = self.stream + self.stream // 64 + 4096
+        if self.idat > bound:
+            raise ImageTooComplex(
+                f"image has {self.idat} bytes of image data (IDAT) for {self.stream} bytes of "
+                f"pixels; at most {bound} can be needed. Re-encode the image (e.g. save it "
+                "again with a standard encoder) to drop the padding")
+
     def _ihdr(self, body: int, length: int) -> None:
+        # Pillow decodes by the LAST IHDR it reads; the checks here must see the same one.
+        if self.size is not None:
+            raise InvalidImage("PNG has two image headers (IHDR); a decoder may use either")
+        if length != 13:
+            raise InvalidImage(f"PNG image header (IHDR) is {length} bytes, not 13")
         width, height, depth, colour = struct.unpack_from(">IIBB", self.data, body)
         self.size = (width, height)
         check_size(self.size, self.limits)
