@@ -19,6 +19,7 @@ __all__ = [
     "DEFAULT_MAX_BATCH_SIZE",
     "DEFAULT_MAX_REQUEST_BYTES",
     "DEFAULT_MAX_RESPONSE_BYTES",
+    "MAX_JSON_INT_DIGITS",
     "MAX_JSON_ITEMS",
     "BaseLimits",
     "ImageClassifierLimits",
@@ -45,6 +46,9 @@ DEFAULT_MAX_RESPONSE_BYTES = 16 * MiB
 #: it bounds the parser's work and memory (a 14 MB body of `{}` is 4.7 million dicts: 3 s
 #: and 350 MB with a duplicate-key hook), far above what a few fields or instances need.
 MAX_JSON_ITEMS = 65_536
+#: Digits a JSON integer may have there (Python converts up to 4,300 digits in quadratic
+#: time: 2,430 of them held the gateway's event loop for 350 ms).
+MAX_JSON_INT_DIGITS = 64
 
 ImageFormat = Literal["PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF"]
 #: Request protocols a handler can read (see `secure_handler.serving.protocols`).

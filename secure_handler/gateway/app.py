@@ -61,7 +61,7 @@ from secure_handler.gateway.routing import (
     send_bytes,
 )
 from secure_handler.gateway.routing import Scope as AsgiScope
-from secure_handler.gateway.upstream import Upstream, UpstreamResponse
+from secure_handler.gateway.upstream import READY_CACHE_S, OneFlight, Upstream, UpstreamResponse
 
 __all__ = ["Answer", "Call", "Gateway", "pass_through"]
 
@@ -112,7 +112,7 @@ class Gateway:
         self.limiter = limiter or build_limiter(config)
         self.upstream = Upstream(config.upstream)
         self.audit = AuditLog(config.audit_log, config.audit_denials_per_s)
-        self._ready: tuple[float, bool] | None = None
+        self._ready = OneFlight(READY_CACHE_S, self._ping)
 
     async def aclose(self) -> None:
         await self.upstream.aclose()
@@ -287,10 +287,7 @@ class Gateway:
     async def readyz(self, call: Call) -> Answer:
         """Readiness: TorchServe answers its own `/ping` (cached a second: no key needed here,
         so this must not become a way to flood TorchServe)."""
-        now = time.monotonic()
-        if self._ready is None or now - self._ready[0] > 1.0:
-            self._ready = (now, await self._ping())
-        ok = self._ready[1]
+        ok = await self._ready.get()
         return Answer(200 if ok else 503, _json({"status": "ready" if ok else "not_ready"}))
 
     async def _ping(self) -> bool:

@@ -269,6 +269,10 @@ def server_config(app: Any, config: GatewayConfig, **overrides: Any) -> Any:
         # Idle kept-alive connections; connections.py applies the same to new ones.
         "timeout_keep_alive": config.idle_timeout_s,
         "limit_concurrency": None,  # counted by GuardedProtocol, answered in JSON
+        # No WebSocket upgrades: uvicorn would hand the socket to its WebSocket protocol,
+        # past GuardedProtocol, whose connection_lost then never released the slot (four
+        # upgrades locked an address out for good; the kserve extra installs websockets).
+        "ws": "none",
         "ssl_certfile": config.tls_certfile, "ssl_keyfile": config.tls_keyfile,
     }
     settings.update(overrides)

@@ -94,13 +94,17 @@ def management_routes(gw: Gateway) -> list[Route]:
     m = ManagementRoutes(gw)
     ep = gw.endpoint
     refused = ("management.refused", ep(m.refused_operation))
-    model = {"GET": ("management.describe", ep(m.describe_model)),
-             "PUT": ("management.scale", ep(m.scale_model)),
-             "POST": refused, "DELETE": refused, "PATCH": refused}
+    # Every other method the HTTP parser accepts is refused here, after the key check and
+    # audited, rather than by the router's unaudited 405.
+    every = dict.fromkeys(_METHODS, refused)
+    model = {**every, "GET": ("management.describe", ep(m.describe_model)),
+             "PUT": ("management.scale", ep(m.scale_model))}
     return [
-        Route("/models", {"GET": ("management.list", ep(m.list_models)),
-                          "POST": ("management.register", ep(m.register_model)),
-                          "PUT": refused, "DELETE": refused, "PATCH": refused}),
+        Route("/models", {**every, "GET": ("management.list", ep(m.list_models)),
+                          "POST": ("management.register", ep(m.register_model))}),
         Route("/models/{model}", model),
         Route("/models/{model}/{version}", model),
     ]
+
+
+_METHODS = ("GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "TRACE", "CONNECT")

@@ -22,7 +22,6 @@ Every refusal on these routes is in the protocols' error shape, `{"error": "[cod
 from __future__ import annotations
 
 import json
-import time
 from typing import Any
 
 from secure_handler.errors import (
@@ -35,12 +34,12 @@ from secure_handler.errors import (
 )
 from secure_handler.gateway.app import Answer, Call, Gateway
 from secure_handler.gateway.routing import Route
-from secure_handler.limits import MAX_JSON_ITEMS, json_items
+from secure_handler.gateway.upstream import READY_CACHE_S, OneFlight
+from secure_handler.limits import MAX_JSON_INT_DIGITS, MAX_JSON_ITEMS, json_items
 
 __all__ = ["oip_routes", "protocol_body", "protocol_error"]
 
 _JSON = "application/json"
-_READY_CACHE_S = 1.0
 #: The v2 input the handlers read, for model metadata.
 _V2_INPUT = {"name": "input-0", "datatype": "BYTES", "shape": [-1]}
 
@@ -65,7 +64,7 @@ class ProtocolRoutes:
 
     def __init__(self, gateway: Gateway) -> None:
         self.gw = gateway
-        self._ready: tuple[float, bool] | None = None
+        self._ready = OneFlight(READY_CACHE_S, self._all_ready)
 
     # --- inference ----------------------------------------------------------------------
 
@@ -102,10 +101,7 @@ class ProtocolRoutes:
         return _answer({"status": "alive"})
 
     async def ready(self, call: Call) -> Answer:
-        now = time.monotonic()
-        if self._ready is None or now - self._ready[0] > _READY_CACHE_S:
-            self._ready = (now, await self._all_ready())
-        ok = self._ready[1]
+        ok = await self._ready.get()
         return _answer({"ready": ok}, 200 if ok else 503)
 
     async def _all_ready(self) -> bool:
@@ -180,12 +176,19 @@ def _check_envelope(body: bytes, key_field: str) -> None:
             f"the JSON body holds about {items} objects, arrays and elements; the limit is "
             f"{MAX_JSON_ITEMS}: send fewer or smaller instances")
     try:
-        parsed = json.loads(body.decode("utf-8"))
+        parsed = json.loads(body.decode("utf-8"), parse_int=_bounded_int)
     except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
         raise MalformedRequest("the body is not valid JSON") from exc
     other = "instances" if key_field == "inputs" else "inputs"
     if not isinstance(parsed, dict) or key_field not in parsed or other in parsed:
         raise MalformedRequest(f'the body must be a JSON object with "{key_field}"')
+
+
+def _bounded_int(digits: str) -> int:
+    if len(digits) > MAX_JSON_INT_DIGITS + 1:  # a sign counts as one
+        raise MalformedRequest(f"the body holds an integer of {len(digits)} characters; at "
+                               f"most {MAX_JSON_INT_DIGITS} digits are read")
+    return int(digits)
 
 
 def _is_protocol_error(content: bytes) -> bool:

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Literal
 from urllib.parse import urlencode
@@ -154,3 +156,36 @@ def _answer(resp: RawResponse) -> UpstreamResponse:
 
 def _unreachable(message: str) -> UpstreamUnavailable:
     return UpstreamUnavailable(message)
+
+
+#: How long a health answer from TorchServe is reused (the health routes need no key).
+READY_CACHE_S = 1.0
+
+
+class OneFlight:
+    """A yes/no answer from TorchServe, asked at most once per `ttl_s` however many callers
+    want it at once: those who come while it is being asked wait for the same answer. The
+    health routes need no key, so each caller asking TorchServe itself would let anyone
+    fill the upstream pool while TorchServe is slow."""
+
+    def __init__(self, ttl_s: float, ask: Callable[[], Awaitable[bool]]) -> None:
+        self._ttl_s, self._ask = ttl_s, ask
+        self._answer: tuple[float, bool] | None = None
+        self._asking: asyncio.Future[bool] | None = None
+
+    async def get(self) -> bool:
+        answer = self._answer
+        if answer is not None and time.monotonic() - answer[0] <= self._ttl_s:
+            return answer[1]
+        if self._asking is None:
+            self._asking = asyncio.ensure_future(self._refresh())
+        # Shielded: a caller that goes away does not cancel the answer the others wait for.
+        return await asyncio.shield(self._asking)
+
+    async def _refresh(self) -> bool:
+        try:
+            value = await self._ask()
+            self._answer = (time.monotonic(), value)
+            return value
+        finally:
+            self._asking = None

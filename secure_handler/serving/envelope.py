@@ -35,7 +35,7 @@ from secure_handler.errors import (
     MalformedRequest,
     PayloadTooLarge,
 )
-from secure_handler.limits import MAX_JSON_ITEMS, json_items
+from secure_handler.limits import MAX_JSON_INT_DIGITS, MAX_JSON_ITEMS, json_items
 
 __all__ = [
     "JSON_TYPE",
@@ -152,6 +152,15 @@ def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return dict(pairs)
 
 
+def bounded_int(digits: str) -> int:
+    """`parse_int` for request JSON: at most `MAX_JSON_INT_DIGITS` digits."""
+    if len(digits) > MAX_JSON_INT_DIGITS + 1:  # a sign counts as one
+        raise MalformedRequest(
+            f"JSON body holds an integer of {len(digits)} characters; at most "
+            f"{MAX_JSON_INT_DIGITS} digits are read")
+    return int(digits)
+
+
 def _no_constant(name: str) -> Any:
     raise MalformedRequest(f"JSON body holds {name}, which is not JSON")
 
@@ -178,7 +187,8 @@ def parse_json(body: bytes | bytearray | str) -> Any:
         raise MalformedRequest("the body is declared as JSON but is not valid JSON") from exc
     check_json_items(text)
     try:
-        return json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_no_constant)
+        return json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_no_constant,
+                          parse_int=bounded_int)
     except (ValueError, RecursionError) as exc:
         raise MalformedRequest("the body is declared as JSON but is not valid JSON") from exc
 

@@ -28,7 +28,12 @@ from secure_handler.errors import (
     SecureHandlerError,
     TooManyInstances,
 )
-from secure_handler.limits import MAX_JSON_ITEMS, RequestProtocol, json_items
+from secure_handler.limits import (
+    MAX_JSON_INT_DIGITS,
+    MAX_JSON_ITEMS,
+    RequestProtocol,
+    json_items,
+)
 
 __all__ = [
     "PROTOCOLS",
@@ -49,8 +54,6 @@ PROTOCOLS: tuple[Protocol, ...] = ("torchserve", "kserve_v1", "oip_v2")
 # never start so. (A BOM is then refused: the plain path's JSON reader refuses it too.)
 _OBJECT_START = re.compile(rb"(?:\xef\xbb\xbf)?[ \t\r\n]*\{")
 _OBJECT_START_TEXT = re.compile("\ufeff?[ \t\r\n]*\\{")
-#: Digits an integer in a protocol body may have (Python's own limit, 4,300, is a ValueError).
-_MAX_INT_DIGITS = 64
 # `model_name` is not OIP's, but KServe's own client sends it.
 _V2_KEYS = frozenset({"id", "model_name", "parameters", "inputs", "outputs"})
 _V2_TENSOR_KEYS = frozenset({"name", "shape", "datatype", "data", "parameters"})
@@ -158,8 +161,8 @@ def _strict_protocol_object(text: str) -> dict[str, Any] | None:
         return 0.0
 
     def integer(digits: str) -> int:
-        if len(digits.lstrip("-")) > _MAX_INT_DIGITS:
-            problems.append(f"an integer of more than {_MAX_INT_DIGITS} digits")
+        if len(digits.lstrip("-")) > MAX_JSON_INT_DIGITS:
+            problems.append(f"an integer of more than {MAX_JSON_INT_DIGITS} digits")
             return 0
         return int(digits)
 
