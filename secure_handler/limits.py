@@ -13,7 +13,7 @@ from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from secure_handler.errors import ConfigurationError
+from secure_handler.errors import ConfigurationError, MalformedRequest, PayloadTooLarge
 
 __all__ = [
     "DEFAULT_MAX_BATCH_SIZE",
@@ -29,7 +29,9 @@ __all__ = [
     "RequestProtocol",
     "TextClassifierLimits",
     "TextLimits",
+    "bounded_json_int",
     "build_limits",
+    "check_json_items",
     "json_items",
 ]
 
@@ -300,3 +302,22 @@ def json_items(body: str | bytes | bytearray) -> int:
     if isinstance(body, str):
         return body.count("{") + body.count("[") + body.count(",")
     return body.count(b"{") + body.count(b"[") + body.count(b",")
+
+
+def check_json_items(body: str | bytes | bytearray) -> None:
+    """Raise PayloadTooLarge when a request body may parse into more than `MAX_JSON_ITEMS`
+    items (the worker's JSON reader and the gateway's envelope check both call this)."""
+    items = json_items(body)
+    if items > MAX_JSON_ITEMS:
+        raise PayloadTooLarge(
+            f"the JSON body holds about {items} objects, arrays and elements; the limit is "
+            f"{MAX_JSON_ITEMS}: send fewer or smaller fields or instances")
+
+
+def bounded_json_int(digits: str) -> int:
+    """`parse_int` for request JSON: at most `MAX_JSON_INT_DIGITS` digits, else a 400."""
+    if len(digits) > MAX_JSON_INT_DIGITS + 1:  # a sign counts as one
+        raise MalformedRequest(
+            f"the JSON body holds an integer of {len(digits)} characters; at most "
+            f"{MAX_JSON_INT_DIGITS} digits are read")
+    return int(digits)

@@ -27,7 +27,6 @@ from typing import Any
 from secure_handler.errors import (
     MalformedRequest,
     ModelNotFound,
-    PayloadTooLarge,
     SecureHandlerError,
     UnsupportedMediaType,
     UpstreamError,
@@ -35,7 +34,7 @@ from secure_handler.errors import (
 from secure_handler.gateway.app import Answer, Call, Gateway
 from secure_handler.gateway.routing import Route
 from secure_handler.gateway.upstream import READY_CACHE_S, OneFlight
-from secure_handler.limits import MAX_JSON_INT_DIGITS, MAX_JSON_ITEMS, json_items
+from secure_handler.limits import bounded_json_int, check_json_items
 
 __all__ = ["oip_routes", "protocol_body", "protocol_error"]
 
@@ -170,25 +169,14 @@ def _check_envelope(body: bytes, key_field: str) -> None:
     plain body cannot ride a protocol route and come back in another shape. Strict UTF-8,
     and counted before it is parsed, as in the worker: a body of millions of tiny items
     would hold the event loop for seconds."""
-    items = json_items(body)
-    if items > MAX_JSON_ITEMS:
-        raise PayloadTooLarge(
-            f"the JSON body holds about {items} objects, arrays and elements; the limit is "
-            f"{MAX_JSON_ITEMS}: send fewer or smaller instances")
+    check_json_items(body)
     try:
-        parsed = json.loads(body.decode("utf-8"), parse_int=_bounded_int)
+        parsed = json.loads(body.decode("utf-8"), parse_int=bounded_json_int)
     except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
         raise MalformedRequest("the body is not valid JSON") from exc
     other = "instances" if key_field == "inputs" else "inputs"
     if not isinstance(parsed, dict) or key_field not in parsed or other in parsed:
         raise MalformedRequest(f'the body must be a JSON object with "{key_field}"')
-
-
-def _bounded_int(digits: str) -> int:
-    if len(digits) > MAX_JSON_INT_DIGITS + 1:  # a sign counts as one
-        raise MalformedRequest(f"the body holds an integer of {len(digits)} characters; at "
-                               f"most {MAX_JSON_INT_DIGITS} digits are read")
-    return int(digits)
 
 
 def _is_protocol_error(content: bytes) -> bool:

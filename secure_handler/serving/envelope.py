@@ -35,14 +35,13 @@ from secure_handler.errors import (
     MalformedRequest,
     PayloadTooLarge,
 )
-from secure_handler.limits import MAX_JSON_INT_DIGITS, MAX_JSON_ITEMS, json_items
+from secure_handler.limits import bounded_json_int, check_json_items
 
 __all__ = [
     "JSON_TYPE",
     "Payload",
     "b64_limit",
     "binary_payload",
-    "check_json_items",
     "check_size",
     "decode_base64",
     "extract",
@@ -152,26 +151,8 @@ def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return dict(pairs)
 
 
-def bounded_int(digits: str) -> int:
-    """`parse_int` for request JSON: at most `MAX_JSON_INT_DIGITS` digits."""
-    if len(digits) > MAX_JSON_INT_DIGITS + 1:  # a sign counts as one
-        raise MalformedRequest(
-            f"JSON body holds an integer of {len(digits)} characters; at most "
-            f"{MAX_JSON_INT_DIGITS} digits are read")
-    return int(digits)
-
-
 def _no_constant(name: str) -> Any:
     raise MalformedRequest(f"JSON body holds {name}, which is not JSON")
-
-
-def check_json_items(text: str) -> None:
-    """Raise PayloadTooLarge when `text` may parse into more than `MAX_JSON_ITEMS` items."""
-    items = json_items(text)
-    if items > MAX_JSON_ITEMS:
-        raise PayloadTooLarge(
-            f"the JSON body holds about {items} objects, arrays and elements; the limit is "
-            f"{MAX_JSON_ITEMS}: send fewer or smaller fields or instances")
 
 
 def parse_json(body: bytes | bytearray | str) -> Any:
@@ -188,7 +169,7 @@ def parse_json(body: bytes | bytearray | str) -> Any:
     check_json_items(text)
     try:
         return json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_no_constant,
-                          parse_int=bounded_int)
+                          parse_int=bounded_json_int)
     except (ValueError, RecursionError) as exc:
         raise MalformedRequest("the body is declared as JSON but is not valid JSON") from exc
 
